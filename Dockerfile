@@ -1,0 +1,25 @@
+# Build stage: dependencies first, in a layer of their own, so a code change
+# rebuilds only Skywatch itself.
+FROM rust:1-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock ./
+COPY pubsub-test-server/Cargo.toml pubsub-test-server/
+RUN mkdir -p src pubsub-test-server/src \
+    && echo 'fn main() {}' > src/main.rs \
+    && touch pubsub-test-server/src/lib.rs \
+    && cargo build --release --locked --bin skywatch \
+    && rm -rf src pubsub-test-server/src
+COPY src src
+COPY index.html ./
+COPY pubsub-test-server/src pubsub-test-server/src
+# touch: the stub main.rs above is newer than the real one's mtime in the image.
+RUN touch src/main.rs && cargo build --release --locked --bin skywatch
+
+# Final stage: the binary alone (index.html is built into it), glibc, CA
+# certificates, and a non-root user. No key file is ever copied in: the key
+# arrives as the GOOGLE_SERVICE_ACCOUNT_JSON secret at run time.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/skywatch /usr/local/bin/skywatch
+USER nonroot
+EXPOSE 8080
+ENTRYPOINT ["/usr/local/bin/skywatch"]

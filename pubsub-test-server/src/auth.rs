@@ -1,0 +1,343 @@
+//! Service-account authentication as Google does it, for [`crate::Auth::Verify`]:
+//!
+//! * the OAuth 2.0 token endpoint (`POST /token`) of "Using OAuth 2.0 for Server to
+//!   Server Applications" (<https://developers.google.com/identity/protocols/oauth2/service-account>),
+//!   i.e. the JWT-bearer grant of RFC 7523: an RS256 assertion signed with the service
+//!   account's key is exchanged for a short-lived access token;
+//! * "Addendum: Service account authorization without OAuth" on the same page: a
+//!   self-signed JWT whose `aud` is the API (`https://pubsub.googleapis.com/`) is sent
+//!   directly as the bearer token.
+//!
+//! Error bodies of `/token` follow RFC 6749 section 5.2 as Google's endpoint sends them:
+//! `{"error": "invalid_grant", "error_description": "..."}`.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::Shared;
+use crate::api::{ApiError, Reply};
+use crate::state::unix_now;
+
+/// The `aud` of a self-signed JWT for Pub/Sub.
+pub(crate) const PUBSUB_AUDIENCE: &str = "https://pubsub.googleapis.com/";
+/// Scopes that grant Pub/Sub access: Pub/Sub's own, or the umbrella Cloud scope.
+const ACCEPTED_SCOPES: [&str; 2] = [
+    "https://www.googleapis.com/auth/pubsub",
+    "https://www.googleapis.com/auth/cloud-platform",
+];
+const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+/// Google issues access tokens valid for one hour and reports 3599 s.
+const ACCESS_TOKEN_LIFETIME: u64 = 3599;
+/// Google refuses assertions meant to live longer than an hour.
+const MAX_JWT_LIFETIME: u64 = 3600;
+/// Tolerated clock difference between client and server.
+const CLOCK_SKEW: u64 = 60;
+
+/// The account the server trusts.
+pub(crate) struct Verifier {
+    key: DecodingKey,
+    client_email: String,
+}
+
+impl Verifier {
+    pub(crate) fn new(public_key_pem: &str, client_email: &str) -> std::io::Result<Verifier> {
+        let key = DecodingKey::from_rsa_pem(public_key_pem.as_bytes()).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("Auth::Verify public_key_pem is not an RSA public key: {e}"),
+            )
+        })?;
+        if client_email.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "Auth::Verify client_email is empty",
+            ));
+        }
+        Ok(Verifier {
+            key,
+            client_email: client_email.to_owned(),
+        })
+    }
+
+    /// Verifies an RS256 JWT of our service account for `audience`, including Google's
+    /// one-hour lifetime rule. Returns its claims.
+    fn verify(&self, token: &str, audience: &str) -> Result<Claims, String> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| format!("Invalid JWT: cannot decode header ({e})."))?;
+        if header.alg != Algorithm::RS256 {
+            return Err(format!(
+                "Invalid JWT: algorithm {:?} is not supported; service accounts sign with RS256.",
+                header.alg
+            ));
+        }
+        if header.kid.as_deref().is_none_or(str::is_empty) {
+            return Err(
+                "Invalid JWT: the header has no kid (the key file's private_key_id).".into(),
+            );
+        }
+        let mut validation = Validation::new(Algorithm::RS256);
+        validation.set_audience(&[audience]);
+        validation.set_issuer(&[&self.client_email]);
+        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
+        validation.leeway = CLOCK_SKEW;
+        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &validation).map_err(|e| {
+            match e.kind() {
+                ErrorKind::InvalidSignature => "Invalid JWT Signature.".to_owned(),
+                ErrorKind::ExpiredSignature => TIMEFRAME_ERROR.to_owned(),
+                ErrorKind::InvalidAudience => {
+                    format!("Invalid JWT: Failed audience check. The expected value is {audience}.")
+                }
+                ErrorKind::InvalidIssuer => format!(
+                    "Invalid grant: account not found (iss must be {}).",
+                    self.client_email
+                ),
+                other => format!("Invalid JWT: {other:?}."),
+            }
+        })?;
+        let claims = data.claims;
+        let now = unix_now();
+        let sane = claims.iat <= now + CLOCK_SKEW
+            && claims.exp > claims.iat
+            && claims.exp - claims.iat <= MAX_JWT_LIFETIME;
+        if !sane {
+            return Err(TIMEFRAME_ERROR.to_owned());
+        }
+        Ok(claims)
+    }
+}
+
+const TIMEFRAME_ERROR: &str = "Invalid JWT: Token must be a short-lived token (60 minutes) and \
+     in a reasonable timeframe. Check your iat and exp values in the JWT claim.";
+
+#[derive(Deserialize)]
+struct Claims {
+    iat: u64,
+    exp: u64,
+    #[serde(default)]
+    sub: Option<String>,
+    #[serde(default)]
+    scope: Option<String>,
+}
+
+/// What a `/v1` request's `Authorization` header amounted to.
+pub(crate) enum Bearer {
+    /// No `Authorization` header (or the server does not verify tokens).
+    Missing,
+    Valid,
+    Invalid(String),
+}
+
+/// Checks the bearer token of a `/v1` request (only in `Auth::Verify` mode).
+pub(crate) fn check_bearer(shared: &Shared, headers: &[(String, String)]) -> Bearer {
+    let Some(verifier) = &shared.verifier else {
+        return Bearer::Missing;
+    };
+    let mut values = headers
+        .iter()
+        .filter(|(name, _)| name == "authorization")
+        .map(|(_, value)| value.as_str());
+    let Some(value) = values.next() else {
+        return Bearer::Missing;
+    };
+    if values.next().is_some() {
+        return Bearer::Invalid("more than one Authorization header".into());
+    }
+    let token = match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
+        _ => return Bearer::Invalid("the Authorization header is not \"Bearer <token>\"".into()),
+    };
+    if token.is_empty() {
+        return Bearer::Invalid("empty bearer token".into());
+    }
+
+    // An access token this server issued?
+    {
+        let state = shared.lock();
+        match state.access_tokens.get(token) {
+            Some(expiry) if Instant::now() < *expiry => return Bearer::Valid,
+            Some(_) => return Bearer::Invalid("the access token expired".into()),
+            None => {}
+        }
+    }
+    if token.split('.').count() != 3 {
+        return Bearer::Invalid("unknown or revoked access token".into());
+    }
+
+    // Otherwise it must be a self-signed service-account JWT.
+    let claims = match verifier.verify(token, PUBSUB_AUDIENCE) {
+        Ok(claims) => claims,
+        Err(reason) => return Bearer::Invalid(reason),
+    };
+    // Google's self-signed JWTs name the account twice: iss = sub = client_email.
+    if claims.sub.as_deref() != Some(verifier.client_email.as_str()) {
+        return Bearer::Invalid("a self-signed JWT's sub must be the service account".into());
+    }
+    let mut state = shared.lock();
+    if state.revoked_jwts.contains(token) || claims.iat < state.jwt_not_before {
+        return Bearer::Invalid("the self-signed JWT was revoked".into());
+    }
+    state.seen_jwts.insert(token.to_owned());
+    Bearer::Valid
+}
+
+/// `POST /token`: the OAuth 2.0 JWT-bearer grant.
+pub(crate) fn token_endpoint(
+    shared: &Shared,
+    method: &str,
+    headers: &[(String, String)],
+    body: &[u8],
+) -> Reply {
+    let Some(verifier) = &shared.verifier else {
+        return ApiError::new(
+            404,
+            "pubsub-test-server runs with Auth::None (emulator mode): it has no token endpoint."
+                .into(),
+        )
+        .into_reply();
+    };
+    if method != "POST" {
+        return oauth_error(
+            405,
+            "invalid_request",
+            "The token endpoint only accepts POST.",
+        )
+        .with_header("Allow", "POST");
+    }
+    let content_type = headers
+        .iter()
+        .find(|(name, _)| name == "content-type")
+        .map(|(_, value)| value.to_ascii_lowercase());
+    let is_form = content_type.as_deref().is_some_and(|ct| {
+        ct.split(';').next().map(str::trim) == Some("application/x-www-form-urlencoded")
+    });
+    if !is_form {
+        return oauth_error(
+            400,
+            "invalid_request",
+            "The request body must be application/x-www-form-urlencoded.",
+        );
+    }
+    let form = match parse_form(body) {
+        Ok(form) => form,
+        Err(reason) => return oauth_error(400, "invalid_request", &reason),
+    };
+    let param = |name: &str| {
+        form.iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    match param("grant_type") {
+        Some(JWT_BEARER_GRANT) => {}
+        Some(other) => {
+            return oauth_error(
+                400,
+                "unsupported_grant_type",
+                &format!("Invalid grant_type: {other}"),
+            );
+        }
+        None => {
+            return oauth_error(
+                400,
+                "invalid_request",
+                "Missing required parameter: grant_type",
+            );
+        }
+    }
+    let Some(assertion) = param("assertion") else {
+        return oauth_error(
+            400,
+            "invalid_request",
+            "Missing required parameter: assertion",
+        );
+    };
+
+    let token_uri = format!("{}/token", shared.base_url);
+    let claims = match verifier.verify(assertion, &token_uri) {
+        Ok(claims) => claims,
+        Err(reason) => return oauth_error(400, "invalid_grant", &reason),
+    };
+    if claims
+        .sub
+        .as_deref()
+        .is_some_and(|sub| sub != verifier.client_email)
+    {
+        return oauth_error(
+            400,
+            "unauthorized_client",
+            "Domain-wide delegation (a sub other than the service account) is not emulated.",
+        );
+    }
+    let scopes = claims.scope.unwrap_or_default();
+    if !scopes
+        .split_whitespace()
+        .any(|s| ACCEPTED_SCOPES.contains(&s))
+    {
+        return oauth_error(
+            400,
+            "invalid_scope",
+            "Invalid OAuth scope or ID token audience provided: the assertion's scope must \
+             include https://www.googleapis.com/auth/pubsub (or .../auth/cloud-platform).",
+        );
+    }
+
+    let token = format!(
+        "ya29.{}",
+        URL_SAFE_NO_PAD.encode(crate::keys::random_bytes::<64>())
+    );
+    {
+        let mut state = shared.lock();
+        state.access_tokens.insert(
+            token.clone(),
+            Instant::now() + Duration::from_secs(ACCESS_TOKEN_LIFETIME),
+        );
+        shared.notify(&mut state);
+    }
+    Reply::json(
+        200,
+        json!({
+            "access_token": token,
+            "expires_in": ACCESS_TOKEN_LIFETIME,
+            "token_type": "Bearer",
+        }),
+    )
+    .with_header("Cache-Control", "no-store")
+}
+
+fn oauth_error(status: u16, error: &str, description: &str) -> Reply {
+    Reply::json(
+        status,
+        json!({"error": error, "error_description": description}),
+    )
+    .with_header("Cache-Control", "no-store")
+}
+
+/// Parses `application/x-www-form-urlencoded`: `+` is a space, `%XX` a byte.
+/// A parameter given twice is refused, as RFC 6749 section 3.1 requires.
+fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "The form body is not UTF-8.".to_owned())?;
+    let mut out: Vec<(String, String)> = Vec::new();
+    for pair in text.trim_end_matches(['\r', '\n']).split('&') {
+        if pair.is_empty() {
+            continue;
+        }
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        let k = form_decode(k)?;
+        let v = form_decode(v)?;
+        if out.iter().any(|(existing, _)| *existing == k) {
+            return Err(format!("Parameter {k} is given more than once."));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn form_decode(s: &str) -> Result<String, String> {
+    crate::api::percent_decode(&s.replace('+', " "))
+        .ok_or_else(|| format!("Malformed percent-encoding in the form body: {s}"))
+}

@@ -1,0 +1,413 @@
+//! A strict, in-memory emulation of Google Cloud Pub/Sub's REST API v1, for tests.
+//!
+//! Skywatch talks to Pub/Sub over plain HTTP+JSON. This machine (and CI) cannot reach
+//! Google, so the tests run Skywatch against this server instead. It follows Google's
+//! public REST reference, <https://cloud.google.com/pubsub/docs/reference/rest>:
+//!
+//! * `projects.topics`: `create` (PUT), `get`, `delete`, `list`, `publish`, and
+//!   `projects.topics.subscriptions.list`;
+//! * `projects.subscriptions`: `create` (PUT), `get`, `delete`, `list`, `pull`,
+//!   `acknowledge`, `modifyAckDeadline`;
+//! * the resource types `Topic`, `Subscription`, `PubsubMessage`, `ReceivedMessage`,
+//!   `ExpirationPolicy`, and Google's JSON error shape (`google.rpc.Status`).
+//!
+//! It is deliberately *as strict as the real service* (names, field ranges, unknown JSON
+//! fields, base64, request limits), because a lenient fake lets client bugs through that
+//! production would reject. Where the fake knowingly differs it says so below or in the
+//! docs of the item concerned.
+//!
+//! With [`Auth::Verify`] it also plays Google's OAuth 2.0 token endpoint for service
+//! accounts (<https://developers.google.com/identity/protocols/oauth2/service-account>):
+//! a JWT-bearer assertion signed with the service account's key is exchanged for an
+//! access token, and the `/v1` API then demands `Authorization: Bearer`, accepting those
+//! access tokens or self-signed service-account JWTs ("JWT access without OAuth").
+//!
+//! Test knobs ([`PubSubTestServer::fail_next`], [`PubSubTestServer::set_delay`],
+//! [`PubSubTestServer::delete_subscription`], ...) inject the failures a client must
+//! survive, and inspection methods ([`PubSubTestServer::published`],
+//! [`PubSubTestServer::requests`], [`PubSubTestServer::wait_for`], ...) let tests observe
+//! the outcome without sleeping.
+//!
+//! # Not emulated
+//! Push, BigQuery and Cloud Storage subscriptions, filters, dead-letter and retry
+//! policies, exactly-once delivery, detached subscriptions, schemas, snapshots and seek,
+//! `patch` methods, IAM, streaming pull (gRPC only anyway), message retention expiry,
+//! subscription expiry after inactivity, list paging (lists return everything at once),
+//! per-key ordering guarantees (messages are simply delivered in publish order), and the
+//! `fields` response filter (accepted and ignored). Requests asking for a feature that
+//! would change delivery semantics are answered `400 INVALID_ARGUMENT` saying "not
+//! emulated", so a test fails loudly instead of silently passing.
+//!
+//! # Known differences
+//! * `data` must be standard base64 with padding, the form the reference documents;
+//!   Google's proto3 JSON parser would also take URL-safe or unpadded base64.
+//! * A wrong HTTP method on a known path is `405` (status `UNIMPLEMENTED`, with an
+//!   `Allow` header); Google's front end answers such requests with a 404.
+//! * Project IDs of 1-30 characters are accepted (Google requires 6-30) so that short
+//!   test projects work; project numbers are accepted too.
+//! * Error messages imitate Google's wording but are not byte-identical; clients should
+//!   branch on `error.code` / `error.status` anyway.
+//! * The fault knobs (`fail_next`, `set_delay`) act on `/v1` calls only, not on `/token`.
+//!
+//! The whole server is blocking `std` threads: one acceptor thread and one thread per
+//! request (pulls block), all state behind one `Mutex` + `Condvar`.
+
+mod api;
+mod auth;
+mod json;
+mod keys;
+mod state;
+mod time;
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub use keys::{TestKey, generate_test_key, service_account_json};
+
+use state::State;
+
+/// How the server is configured. Build it with `Options { .., ..Default::default() }`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Whether `/v1` calls need an `Authorization: Bearer` token.
+    pub auth: Auth,
+    /// How long an empty `pull` is held open before it answers `{}`. The real service
+    /// holds for roughly 90 s; the default here is 10 s so tests finish sooner.
+    pub max_pull_hold: Duration,
+    /// Answer every `pull` at once, as some emulators do, even when
+    /// `returnImmediately` is false. Lets a client's busy-loop back-off be tested.
+    pub pulls_return_immediately: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            auth: Auth::None,
+            max_pull_hold: Duration::from_secs(10),
+            pulls_return_immediately: false,
+        }
+    }
+}
+
+/// Authentication mode.
+#[derive(Clone, Debug)]
+pub enum Auth {
+    /// Emulator mode: like the official Pub/Sub emulator, no credentials are needed and
+    /// any `Authorization` header is ignored. `/token` answers 404.
+    None,
+    /// Every `/v1` call needs `Authorization: Bearer <token>` where the token is either an
+    /// access token issued by this server's `/token` endpoint, or a self-signed JWT of the
+    /// service account `client_email`, verified (RS256) with `public_key_pem`.
+    Verify {
+        /// SPKI PEM (`-----BEGIN PUBLIC KEY-----`) or PKCS#1 PEM of the account's key.
+        public_key_pem: String,
+        /// The service account's e-mail, expected as the JWTs' `iss` (and `sub`).
+        client_email: String,
+    },
+}
+
+/// One HTTP request the server answered, in arrival order of completion.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestRecord {
+    /// HTTP method, e.g. `"POST"`.
+    pub method: String,
+    /// The percent-encoded request path without the query, including any `:verb`,
+    /// e.g. `"/v1/projects/p/subscriptions/s:pull"`.
+    pub path: String,
+    /// The HTTP status code answered.
+    pub status: u16,
+    /// Whether the request carried a bearer token that this server accepted. Always
+    /// `false` in [`Auth::None`] mode (nothing is verified) and for `/token` itself.
+    pub authorized: bool,
+}
+
+/// State shared by the public handle, the acceptor and the request threads.
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<State>,
+    /// Notified (all waiters) on every state change: held pulls and `wait_for` re-check.
+    pub(crate) changed: Condvar,
+    pub(crate) max_pull_hold: Duration,
+    pub(crate) pulls_return_immediately: bool,
+    pub(crate) verifier: Option<auth::Verifier>,
+    pub(crate) base_url: String,
+    pub(crate) shutdown: AtomicBool,
+}
+
+impl Shared {
+    /// Locks the state. A panic in some request thread must not wedge every later test
+    /// assertion, so a poisoned lock is simply taken over.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a state change and wakes everything that waits on one.
+    pub(crate) fn notify(&self, state: &mut State) {
+        state.version = state.version.wrapping_add(1);
+        self.changed.notify_all();
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Waits on the condvar for at most `timeout`, returning the re-acquired guard.
+    pub(crate) fn wait_timeout<'a>(
+        &self,
+        guard: MutexGuard<'a, State>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, State> {
+        match self.changed.wait_timeout(guard, timeout) {
+            Ok((guard, _)) => guard,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
+    }
+}
+
+/// A running Pub/Sub REST test server on a loopback port. Dropping it stops it.
+pub struct PubSubTestServer {
+    shared: Arc<Shared>,
+    http: Arc<tiny_http::Server>,
+    addr: SocketAddr,
+    acceptor: Option<JoinHandle<()>>,
+}
+
+impl PubSubTestServer {
+    /// Starts a server on `127.0.0.1` with an ephemeral port.
+    pub fn start(opts: Options) -> std::io::Result<PubSubTestServer> {
+        Self::start_on("127.0.0.1:0", opts)
+    }
+
+    /// Starts a server on the given address (used by the `pubsub-test-server` binary).
+    pub fn start_on(addr: impl ToSocketAddrs, opts: Options) -> std::io::Result<PubSubTestServer> {
+        let addr = addr.to_socket_addrs()?.next().ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+        })?;
+        let verifier = match &opts.auth {
+            Auth::None => None,
+            Auth::Verify {
+                public_key_pem,
+                client_email,
+            } => Some(auth::Verifier::new(public_key_pem, client_email)?),
+        };
+        let http = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
+        let addr = http
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| std::io::Error::other("server is not bound to an IP address"))?;
+        let http = Arc::new(http);
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::new()),
+            changed: Condvar::new(),
+            max_pull_hold: opts.max_pull_hold,
+            pulls_return_immediately: opts.pulls_return_immediately,
+            verifier,
+            base_url: format!("http://{addr}"),
+            shutdown: AtomicBool::new(false),
+        });
+        let acceptor = {
+            let shared = Arc::clone(&shared);
+            let http = Arc::clone(&http);
+            std::thread::Builder::new()
+                .name("pubsub-test-server-accept".into())
+                .spawn(move || accept_loop(&shared, &http))?
+        };
+        Ok(PubSubTestServer {
+            shared,
+            http,
+            addr,
+            acceptor: Some(acceptor),
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `"http://127.0.0.1:PORT"`: the root to put in front of `/v1/...`.
+    pub fn base_url(&self) -> String {
+        self.shared.base_url.clone()
+    }
+
+    /// The OAuth token endpoint to put in a service-account key file: `base_url() + "/token"`.
+    pub fn token_uri(&self) -> String {
+        format!("{}/token", self.shared.base_url)
+    }
+
+    /// The next `n` `/v1` calls answer `status` with Google's error JSON (503 ->
+    /// `UNAVAILABLE`, 429 -> `RESOURCE_EXHAUSTED`, 500 -> `INTERNAL`, others mapped the
+    /// same way), whatever they asked and whether or not they were authorized.
+    pub fn fail_next(&self, n: usize, status: u16) {
+        let mut state = self.shared.lock();
+        state.fail_next = n;
+        state.fail_status = status;
+        self.shared.notify(&mut state);
+    }
+
+    /// Sleeps `d` before answering each later `/v1` call (zero turns it off).
+    pub fn set_delay(&self, d: Duration) {
+        let mut state = self.shared.lock();
+        state.delay = d;
+        self.shared.notify(&mut state);
+    }
+
+    /// Deletes a subscription as if someone deleted it underneath the client; held
+    /// pulls on it answer 404. Returns whether it existed.
+    pub fn delete_subscription(&self, full_name: &str) -> bool {
+        let mut state = self.shared.lock();
+        let existed = state.subscriptions.remove(full_name).is_some();
+        self.shared.notify(&mut state);
+        existed
+    }
+
+    /// Deletes a topic as if someone deleted it underneath the client. As in the real
+    /// service, its subscriptions survive with topic `_deleted-topic_`.
+    pub fn delete_topic(&self, full_name: &str) -> bool {
+        let mut state = self.shared.lock();
+        let existed = state.delete_topic(full_name);
+        self.shared.notify(&mut state);
+        existed
+    }
+
+    /// Makes every access token issued so far, and every self-signed JWT seen so far or
+    /// issued (`iat`) before the current second, fail with 401, as when Google revokes
+    /// or expires a token early. Lets tests check refresh-on-401.
+    pub fn reject_tokens_issued_before_now(&self) {
+        let mut state = self.shared.lock();
+        state.revoke_tokens();
+        self.shared.notify(&mut state);
+    }
+
+    /// Full names of all topics, sorted.
+    pub fn topics(&self) -> Vec<String> {
+        self.shared.lock().topics.keys().cloned().collect()
+    }
+
+    /// Full names of all subscriptions, sorted.
+    pub fn subscriptions(&self) -> Vec<String> {
+        self.shared.lock().subscriptions.keys().cloned().collect()
+    }
+
+    /// The subscription as `subscriptions.get` would return it.
+    pub fn subscription(&self, full_name: &str) -> Option<serde_json::Value> {
+        self.shared
+            .lock()
+            .subscriptions
+            .get(full_name)
+            .map(|s| s.resource.clone())
+    }
+
+    /// The decoded `data` of every message published to the topic, in publish order.
+    /// Kept even after the topic is deleted.
+    pub fn published(&self, topic_full_name: &str) -> Vec<Vec<u8>> {
+        self.shared
+            .lock()
+            .published
+            .get(topic_full_name)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// Messages of the subscription that are pending or delivered but not yet acked.
+    pub fn unacked(&self, sub_full_name: &str) -> usize {
+        self.shared
+            .lock()
+            .subscriptions
+            .get(sub_full_name)
+            .map_or(0, |s| s.unacked())
+    }
+
+    /// Pulls currently held open waiting for a message. Lets a test wait until a client
+    /// is really long-polling before it publishes or deletes something.
+    pub fn held_pulls(&self) -> usize {
+        self.shared.lock().held_pulls
+    }
+
+    /// Every request answered so far, in order of completion.
+    pub fn requests(&self) -> Vec<RequestRecord> {
+        self.shared.lock().requests.clone()
+    }
+
+    /// Waits until `cond(self)` holds or `timeout` passes; returns whether it held.
+    /// `cond` is re-evaluated whenever the server's state changes (condvar, no polling),
+    /// so it may call any inspection method.
+    pub fn wait_for(&self, timeout: Duration, cond: impl Fn(&PubSubTestServer) -> bool) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Read the version before evaluating, so a change made while `cond` runs
+            // (it takes the lock itself) is not missed.
+            let seen = self.shared.lock().version;
+            if cond(self) {
+                return true;
+            }
+            let mut state = self.shared.lock();
+            while state.version == seen {
+                let now = Instant::now();
+                if now >= deadline {
+                    drop(state);
+                    return cond(self);
+                }
+                state = self.shared.wait_timeout(state, deadline - now);
+            }
+        }
+    }
+}
+
+impl Drop for PubSubTestServer {
+    fn drop(&mut self) {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        {
+            let mut state = self.shared.lock();
+            self.shared.notify(&mut state);
+        }
+        self.http.unblock();
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        // Held pulls and delays see the shutdown flag and answer at once; give those
+        // request threads a moment to finish so a test's next server starts clean.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let mut state = self.shared.lock();
+        while state.in_flight > 0 {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            state = self.shared.wait_timeout(state, deadline - now);
+        }
+    }
+}
+
+fn accept_loop(shared: &Arc<Shared>, http: &tiny_http::Server) {
+    loop {
+        match http.recv() {
+            Ok(request) => {
+                {
+                    let mut state = shared.lock();
+                    state.in_flight += 1;
+                }
+                let shared_for_thread = Arc::clone(shared);
+                let spawned = std::thread::Builder::new()
+                    .name("pubsub-test-server-request".into())
+                    .spawn(move || {
+                        api::handle(&shared_for_thread, request);
+                        let mut state = shared_for_thread.lock();
+                        state.in_flight -= 1;
+                        shared_for_thread.notify(&mut state);
+                    });
+                if spawned.is_err() {
+                    // The request was moved into the failed closure and dropped, which
+                    // closes its connection; the client sees a reset and may retry.
+                    let mut state = shared.lock();
+                    state.in_flight -= 1;
+                }
+            }
+            // `recv` fails when unblocked by Drop, or on a transient accept error.
+            Err(_) if shared.is_shutting_down() => return,
+            Err(_) => continue,
+        }
+    }
+}

@@ -1,0 +1,403 @@
+//! The server's in-memory model: topics, subscriptions with their backlogs and leases,
+//! issued tokens, fault knobs and the request log. Everything lives in one [`State`]
+//! behind the `Mutex` in [`crate::Shared`]; every change is followed by a condvar
+//! broadcast so held pulls and `wait_for` re-check.
+//!
+//! Delivery follows "Subscriber overview" / "Pull subscriptions" in Google's docs: a
+//! pulled message is *outstanding* until acked; when its ack deadline passes it becomes
+//! deliverable again with the same `messageId` and a new `ackId`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use serde_json::{Value, json};
+
+use crate::RequestRecord;
+use crate::json::Obj;
+
+/// What a subscription whose topic was deleted reports as its topic (as Google does).
+pub(crate) const DELETED_TOPIC: &str = "_deleted-topic_";
+
+/// A published message, shared by every subscription it was delivered to.
+pub(crate) struct StoredMessage {
+    pub(crate) message_id: String,
+    pub(crate) publish_time: String,
+    /// Canonical standard base64 of the data; `None` for an empty payload.
+    pub(crate) data: Option<String>,
+    pub(crate) attributes: Option<Obj>,
+    pub(crate) ordering_key: Option<String>,
+}
+
+impl StoredMessage {
+    /// The `PubsubMessage` JSON, leaving out empty fields as Google's JSON does.
+    fn to_json(&self) -> Value {
+        let mut m = Obj::new();
+        if let Some(data) = &self.data {
+            m.insert("data".into(), json!(data));
+        }
+        if let Some(attributes) = &self.attributes {
+            m.insert("attributes".into(), Value::Object(attributes.clone()));
+        }
+        m.insert("messageId".into(), json!(self.message_id));
+        m.insert("publishTime".into(), json!(self.publish_time));
+        if let Some(key) = &self.ordering_key {
+            m.insert("orderingKey".into(), json!(key));
+        }
+        Value::Object(m)
+    }
+}
+
+/// A delivered, not yet acknowledged message.
+struct Lease {
+    /// Which delivery of the message this is; only the latest delivery's ackId counts.
+    delivery: u64,
+    deadline: Instant,
+    message: Arc<StoredMessage>,
+}
+
+pub(crate) struct Subscription {
+    /// Distinguishes a subscription from an earlier one of the same name, so ackIds and
+    /// held pulls of a deleted subscription never touch its successor.
+    pub(crate) uid: u64,
+    /// Full name of the topic it receives from; `None` once that topic is deleted.
+    pub(crate) topic: Option<String>,
+    pub(crate) ack_deadline: Duration,
+    /// The resource as `subscriptions.get` returns it.
+    pub(crate) resource: Value,
+    /// Deliverable messages by publish sequence, so redeliveries keep publish order.
+    pending: BTreeMap<u64, Arc<StoredMessage>>,
+    /// Outstanding messages by publish sequence.
+    leases: HashMap<u64, Lease>,
+    next_delivery: u64,
+}
+
+/// An ackId decoded: which subscription, message and delivery it acknowledges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct AckId {
+    nonce: u64,
+    uid: u64,
+    seq: u64,
+    delivery: u64,
+}
+
+impl AckId {
+    fn encode(self) -> String {
+        let mut bytes = Vec::with_capacity(32);
+        for part in [self.nonce, self.uid, self.seq, self.delivery] {
+            bytes.extend_from_slice(&part.to_be_bytes());
+        }
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    /// `None` when the string cannot be an ackId issued by this server: the real
+    /// service rejects such ids with 400, while well-formed but stale ones are ignored.
+    pub(crate) fn decode(s: &str, nonce: u64) -> Option<AckId> {
+        let bytes = URL_SAFE_NO_PAD.decode(s).ok()?;
+        if bytes.len() != 32 {
+            return None;
+        }
+        let part = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            u64::from_be_bytes(b)
+        };
+        let id = AckId {
+            nonce: part(0),
+            uid: part(1),
+            seq: part(2),
+            delivery: part(3),
+        };
+        (id.nonce == nonce).then_some(id)
+    }
+}
+
+impl Subscription {
+    pub(crate) fn new(uid: u64, topic: String, ack_deadline: Duration, resource: Value) -> Self {
+        Subscription {
+            uid,
+            topic: Some(topic),
+            ack_deadline,
+            resource,
+            pending: BTreeMap::new(),
+            leases: HashMap::new(),
+            next_delivery: 0,
+        }
+    }
+
+    pub(crate) fn unacked(&self) -> usize {
+        self.pending.len() + self.leases.len()
+    }
+
+    /// Returns leases whose ack deadline has passed to the deliverable set.
+    pub(crate) fn expire_leases(&mut self, now: Instant) {
+        let expired: Vec<u64> = self
+            .leases
+            .iter()
+            .filter(|(_, lease)| lease.deadline <= now)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in expired {
+            if let Some(lease) = self.leases.remove(&seq) {
+                self.pending.insert(seq, lease.message);
+            }
+        }
+    }
+
+    /// When the next outstanding lease expires, if any: a held pull must wake then,
+    /// because that message becomes deliverable without any other state change.
+    pub(crate) fn next_lease_expiry(&self) -> Option<Instant> {
+        self.leases.values().map(|l| l.deadline).min()
+    }
+
+    pub(crate) fn has_deliverable(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Leases up to `max` deliverable messages and returns the `ReceivedMessage`s.
+    pub(crate) fn deliver(&mut self, max: usize, now: Instant, nonce: u64) -> Vec<Value> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some((seq, message)) = self.pending.pop_first() else {
+                break;
+            };
+            self.next_delivery += 1;
+            let ack_id = AckId {
+                nonce,
+                uid: self.uid,
+                seq,
+                delivery: self.next_delivery,
+            };
+            out.push(json!({"ackId": ack_id.encode(), "message": message.to_json()}));
+            self.leases.insert(
+                seq,
+                Lease {
+                    delivery: self.next_delivery,
+                    deadline: now + self.ack_deadline,
+                    message,
+                },
+            );
+        }
+        out
+    }
+
+    /// Acknowledges the lease `id` names, if it is still the current one.
+    pub(crate) fn ack(&mut self, id: AckId) -> bool {
+        let current = self
+            .leases
+            .get(&id.seq)
+            .is_some_and(|l| id.uid == self.uid && l.delivery == id.delivery);
+        if current {
+            self.leases.remove(&id.seq);
+        }
+        current
+    }
+
+    /// Sets a new deadline for the lease `id` names (now + `secs`); 0 makes the message
+    /// deliverable at once (a "nack").
+    pub(crate) fn modify_deadline(&mut self, id: AckId, secs: u64, now: Instant) -> bool {
+        let current = self
+            .leases
+            .get(&id.seq)
+            .is_some_and(|l| id.uid == self.uid && l.delivery == id.delivery);
+        if !current {
+            return false;
+        }
+        if secs == 0 {
+            if let Some(lease) = self.leases.remove(&id.seq) {
+                self.pending.insert(id.seq, lease.message);
+            }
+        } else if let Some(lease) = self.leases.get_mut(&id.seq) {
+            lease.deadline = now + Duration::from_secs(secs);
+        }
+        true
+    }
+}
+
+pub(crate) struct State {
+    /// Bumped on every change; `wait_for` waits for it to move.
+    pub(crate) version: u64,
+    /// Request threads still running, so Drop can let them finish.
+    pub(crate) in_flight: usize,
+    /// Pulls currently held open waiting for messages.
+    pub(crate) held_pulls: usize,
+    /// Random per server, embedded in ackIds so foreign ids are recognised as invalid.
+    pub(crate) nonce: u64,
+    pub(crate) topics: BTreeMap<String, Value>,
+    pub(crate) subscriptions: BTreeMap<String, Subscription>,
+    pub(crate) published: HashMap<String, Vec<Vec<u8>>>,
+    next_seq: u64,
+    next_uid: u64,
+    pub(crate) fail_next: usize,
+    pub(crate) fail_status: u16,
+    pub(crate) delay: Duration,
+    pub(crate) requests: Vec<RequestRecord>,
+    /// Access tokens issued by `/token`, with their expiry.
+    pub(crate) access_tokens: HashMap<String, Instant>,
+    /// Self-signed JWTs accepted so far (to revoke them exactly).
+    pub(crate) seen_jwts: HashSet<String>,
+    pub(crate) revoked_jwts: HashSet<String>,
+    /// Self-signed JWTs with an `iat` (Unix seconds) before this are refused.
+    pub(crate) jwt_not_before: u64,
+}
+
+impl State {
+    pub(crate) fn new() -> State {
+        State {
+            version: 0,
+            in_flight: 0,
+            held_pulls: 0,
+            nonce: u64::from_be_bytes(crate::keys::random_bytes::<8>()),
+            topics: BTreeMap::new(),
+            subscriptions: BTreeMap::new(),
+            published: HashMap::new(),
+            next_seq: 0,
+            next_uid: 0,
+            fail_next: 0,
+            fail_status: 503,
+            delay: Duration::ZERO,
+            requests: Vec::new(),
+            access_tokens: HashMap::new(),
+            seen_jwts: HashSet::new(),
+            revoked_jwts: HashSet::new(),
+            jwt_not_before: 0,
+        }
+    }
+
+    pub(crate) fn next_uid(&mut self) -> u64 {
+        self.next_uid += 1;
+        self.next_uid
+    }
+
+    /// Removes a topic; its subscriptions stay, detached from it, as in the real service.
+    pub(crate) fn delete_topic(&mut self, full_name: &str) -> bool {
+        if self.topics.remove(full_name).is_none() {
+            return false;
+        }
+        for sub in self.subscriptions.values_mut() {
+            if sub.topic.as_deref() == Some(full_name) {
+                sub.topic = None;
+                sub.resource["topic"] = json!(DELETED_TOPIC);
+            }
+        }
+        true
+    }
+
+    /// Stores a message published to `topic` (which must exist) and queues it on every
+    /// subscription attached to the topic now. Returns the messageId.
+    pub(crate) fn publish(
+        &mut self,
+        topic: &str,
+        data: Vec<u8>,
+        data_b64: Option<String>,
+        attributes: Option<Obj>,
+        ordering_key: Option<String>,
+    ) -> String {
+        self.next_seq += 1;
+        let seq = self.next_seq;
+        // Real messageIds are large decimal numbers; starting high catches clients that
+        // squeeze them into 32 bits.
+        let message_id = (10_000_000_000_000_000 + seq).to_string();
+        let message = Arc::new(StoredMessage {
+            message_id: message_id.clone(),
+            publish_time: crate::time::rfc3339_nanos(SystemTime::now()),
+            data: data_b64,
+            attributes,
+            ordering_key,
+        });
+        for sub in self.subscriptions.values_mut() {
+            if sub.topic.as_deref() == Some(topic) {
+                sub.pending.insert(seq, Arc::clone(&message));
+            }
+        }
+        self.published
+            .entry(topic.to_owned())
+            .or_default()
+            .push(data);
+        message_id
+    }
+
+    /// Makes every token accepted or issued so far invalid (see
+    /// `PubSubTestServer::reject_tokens_issued_before_now`).
+    pub(crate) fn revoke_tokens(&mut self) {
+        self.access_tokens.clear();
+        let seen: Vec<String> = self.seen_jwts.drain().collect();
+        self.revoked_jwts.extend(seen);
+        self.jwt_not_before = unix_now();
+    }
+}
+
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ack_ids_round_trip_and_foreign_ones_are_invalid() {
+        let id = AckId {
+            nonce: 7,
+            uid: 1,
+            seq: 2,
+            delivery: 3,
+        };
+        let s = id.encode();
+        assert_eq!(AckId::decode(&s, 7), Some(id));
+        assert_eq!(AckId::decode(&s, 8), None);
+        assert_eq!(AckId::decode("not-an-ack-id", 7), None);
+        assert_eq!(AckId::decode("", 7), None);
+    }
+
+    #[test]
+    fn expired_lease_is_redelivered_with_a_new_ack_id() {
+        let mut state = State::new();
+        state.topics.insert(
+            "projects/p/topics/t".into(),
+            json!({"name": "projects/p/topics/t"}),
+        );
+        let sub = Subscription::new(
+            1,
+            "projects/p/topics/t".into(),
+            Duration::from_secs(10),
+            json!({}),
+        );
+        state
+            .subscriptions
+            .insert("projects/p/subscriptions/s".into(), sub);
+        let id = state.publish(
+            "projects/p/topics/t",
+            b"x".to_vec(),
+            Some("eA==".into()),
+            None,
+            None,
+        );
+
+        let nonce = state.nonce;
+        let sub = state
+            .subscriptions
+            .get_mut("projects/p/subscriptions/s")
+            .unwrap();
+        let now = Instant::now();
+        let first = sub.deliver(10, now, nonce);
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0]["message"]["messageId"], json!(id));
+        assert!(!sub.has_deliverable());
+
+        sub.expire_leases(now + Duration::from_secs(11));
+        let second = sub.deliver(10, now + Duration::from_secs(11), nonce);
+        assert_eq!(second[0]["message"]["messageId"], json!(id));
+        assert_ne!(second[0]["ackId"], first[0]["ackId"]);
+
+        let stale = AckId::decode(first[0]["ackId"].as_str().unwrap(), nonce).unwrap();
+        assert!(!sub.ack(stale), "the first delivery's ackId is stale");
+        let current = AckId::decode(second[0]["ackId"].as_str().unwrap(), nonce).unwrap();
+        assert!(sub.ack(current));
+        assert_eq!(sub.unacked(), 0);
+    }
+}

@@ -1,0 +1,44 @@
+//! The broker joins instances: an alert published on any instance comes back
+//! to every instance (this one included) on its `deliveries` channel, from
+//! which the fan-out thread sends it to every local client.
+//!
+//! Two backends implement it: [`local`] (in-process, for one instance and for
+//! running with no cloud account) and [`pubsub`] (Google Cloud Pub/Sub).
+
+pub mod local;
+pub mod pubsub;
+
+use crate::message::Alert;
+use std::fmt;
+use std::time::Instant;
+
+pub trait Broker: Send + Sync {
+    /// Short name for logs and metrics.
+    fn name(&self) -> &'static str;
+
+    /// Accepts an alert for delivery to every instance. Never blocks a socket
+    /// thread: when the broker cannot take it, the client is told at once.
+    fn publish(&self, alert: Alert) -> Result<(), PublishError>;
+
+    /// Whether alerts published now reach other instances (for /readyz).
+    fn is_ready(&self) -> bool {
+        true
+    }
+
+    /// Releases what the broker holds outside this process, within `deadline`.
+    fn shutdown(&self, deadline: Instant);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishError {
+    /// The queue towards the broker is full or the broker has stopped.
+    Unavailable,
+}
+
+impl fmt::Display for PublishError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PublishError::Unavailable => write!(f, "the broker cannot take more alerts right now"),
+        }
+    }
+}

@@ -1,0 +1,638 @@
+//! Configuration, read once at start from the environment.
+//!
+//! Fly's conventions come first (PORT, FLY_ALLOC_ID, FLY_REGION), then
+//! Google's for the broker. Every variable is listed in [`VARIABLES`], which
+//! is also what `skywatch --help` prints, so the two cannot drift apart.
+//! A bad value stops the server before it binds anything: better a crash loop
+//! with a clear message in `fly logs` than an instance running on a guess.
+
+use crate::auth::ServiceAccount;
+use crate::log::Level;
+use std::fmt;
+use std::net::IpAddr;
+use std::time::Duration;
+
+/// (name, default, meaning) of every variable the server reads.
+pub const VARIABLES: &[(&str, &str, &str)] = &[
+    (
+        "PORT",
+        "8080",
+        "TCP port to listen on (0 picks a free one; the log says which)",
+    ),
+    (
+        "HOST",
+        "0.0.0.0",
+        "address to listen on (Fly's proxy needs 0.0.0.0 or ::)",
+    ),
+    (
+        "FLY_ALLOC_ID",
+        "random per process",
+        "this instance's id, the `sender` of its alerts",
+    ),
+    (
+        "FLY_REGION",
+        "LOCAL_REGION",
+        "region code shown with this instance's alerts",
+    ),
+    (
+        "ALLOWED_ORIGINS",
+        "none",
+        "comma-separated extra origins allowed to open /ws, e.g. https://example.com",
+    ),
+    (
+        "MAX_CONNECTIONS",
+        "10000",
+        "most WebSocket clients at once; more get HTTP 503",
+    ),
+    (
+        "ALERTS_PER_SECOND",
+        "1",
+        "per-connection alert rate (decimals allowed)",
+    ),
+    (
+        "ALERT_BURST",
+        "5",
+        "alerts a connection may send at once before the rate applies",
+    ),
+    (
+        "PING_INTERVAL_SECS",
+        "30",
+        "ping a client idle this long; drop it after another silent interval",
+    ),
+    (
+        "HANDSHAKE_TIMEOUT_SECS",
+        "5",
+        "drop a connection that has not sent its request by then",
+    ),
+    ("LOG_LEVEL", "info", "error, warn, info or debug"),
+    (
+        "PUBSUB_EMULATOR_HOST",
+        "unset",
+        "host:port of a Pub/Sub emulator (plain http, no auth)",
+    ),
+    (
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "unset",
+        "path to a service-account key file for Pub/Sub",
+    ),
+    (
+        "GOOGLE_SERVICE_ACCOUNT_JSON",
+        "unset",
+        "the service-account key's JSON itself (a Fly secret)",
+    ),
+    (
+        "PUBSUB_PROJECT_ID",
+        "the key's project_id",
+        "Google Cloud project (GOOGLE_CLOUD_PROJECT is also read)",
+    ),
+    (
+        "PUBSUB_TOPIC",
+        "ALIEN_NOTIFICATIONS",
+        "topic shared by all instances",
+    ),
+    (
+        "PUBSUB_ENDPOINT",
+        "https://pubsub.googleapis.com",
+        "Pub/Sub API base URL (auth kept on)",
+    ),
+];
+
+/// The key file the original demo read, used when no variable names a key.
+const DEFAULT_KEY_FILE: &str = "google-service-account.json";
+
+/// Variables whose presence asks for the Pub/Sub broker.
+const PUBSUB_VARIABLES: &[&str] = &[
+    "PUBSUB_EMULATOR_HOST",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_SERVICE_ACCOUNT_JSON",
+];
+
+#[derive(Debug)]
+pub struct Config {
+    pub host: IpAddr,
+    pub port: u16,
+    pub instance_id: String,
+    pub region: String,
+    /// Normalized origins (`scheme://host[:port]`, lowercase, no default port).
+    pub allowed_origins: Vec<String>,
+    pub max_connections: usize,
+    pub alerts_per_second: f64,
+    pub alert_burst: u32,
+    pub ping_interval: Duration,
+    pub handshake_timeout: Duration,
+    pub log_level: Level,
+    pub broker: BrokerChoice,
+}
+
+/// Which broker joins this instance to the others, and why it was chosen.
+#[derive(Debug)]
+pub enum BrokerChoice {
+    Local {
+        reason: String,
+    },
+    PubSub {
+        settings: Box<PubSubChoice>,
+        reason: String,
+    },
+}
+
+/// Where and as whom to reach Pub/Sub.
+#[derive(Debug)]
+pub struct PubSubChoice {
+    pub endpoint: String,
+    /// None for an emulator.
+    pub account: Option<ServiceAccount>,
+    pub project: String,
+    pub topic: String,
+    pub subscription: String,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "invalid {}={:?}: {}",
+            self.variable, self.value, self.reason
+        )
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+impl Config {
+    /// Reads the process environment.
+    pub fn from_env() -> Result<Config, ConfigError> {
+        Config::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads configuration through `lookup`, so tests need not touch the
+    /// process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigError> {
+        let var = |name: &'static str| Var {
+            name,
+            value: lookup(name).filter(|v| !v.is_empty()),
+        };
+        let config = Config {
+            port: var("PORT").parse_or(8080, "expected a port number from 0 to 65535")?,
+            host: var("HOST").parse_or(IpAddr::from([0, 0, 0, 0]), "expected an IP address")?,
+            instance_id: match var("FLY_ALLOC_ID").value {
+                Some(id) => id,
+                None => random_instance_id()?,
+            },
+            region: var("FLY_REGION")
+                .value
+                .unwrap_or_else(|| "LOCAL_REGION".to_string()),
+            allowed_origins: parse_origins(var("ALLOWED_ORIGINS"))?,
+            max_connections: var("MAX_CONNECTIONS").parse_if(
+                10_000,
+                |n: &usize| *n > 0,
+                "expected a positive integer",
+            )?,
+            alerts_per_second: var("ALERTS_PER_SECOND").parse_if(
+                1.0,
+                |n: &f64| n.is_finite() && *n > 0.0,
+                "expected a positive number",
+            )?,
+            alert_burst: var("ALERT_BURST").parse_if(
+                5,
+                |n: &u32| *n > 0,
+                "expected a positive integer",
+            )?,
+            ping_interval: seconds(var("PING_INTERVAL_SECS"), 30)?,
+            handshake_timeout: seconds(var("HANDSHAKE_TIMEOUT_SECS"), 5)?,
+            log_level: {
+                let v = var("LOG_LEVEL");
+                match &v.value {
+                    None => Level::Info,
+                    Some(text) => Level::parse(text)
+                        .ok_or_else(|| v.error("expected error, warn, info or debug"))?,
+                }
+            },
+            broker: BrokerChoice::Local {
+                reason: String::new(),
+            },
+        };
+        let broker = choose_broker(&lookup, &config.instance_id)?;
+        Ok(Config { broker, ..config })
+    }
+}
+
+/// One variable being read, so every error names it and its value.
+struct Var {
+    name: &'static str,
+    value: Option<String>,
+}
+
+impl Var {
+    fn error(&self, reason: &str) -> ConfigError {
+        ConfigError {
+            variable: self.name,
+            value: self.value.clone().unwrap_or_default(),
+            reason: reason.to_string(),
+        }
+    }
+
+    fn parse_or<T: std::str::FromStr>(&self, default: T, reason: &str) -> Result<T, ConfigError> {
+        self.parse_if(default, |_| true, reason)
+    }
+
+    fn parse_if<T: std::str::FromStr>(
+        &self,
+        default: T,
+        valid: impl Fn(&T) -> bool,
+        reason: &str,
+    ) -> Result<T, ConfigError> {
+        match &self.value {
+            None => Ok(default),
+            Some(text) => match text.trim().parse::<T>() {
+                Ok(value) if valid(&value) => Ok(value),
+                _ => Err(self.error(reason)),
+            },
+        }
+    }
+}
+
+fn seconds(var: Var, default: u64) -> Result<Duration, ConfigError> {
+    let secs = var.parse_if(
+        default,
+        |n: &u64| (1..=86_400).contains(n),
+        "expected whole seconds from 1 to 86400",
+    )?;
+    Ok(Duration::from_secs(secs))
+}
+
+fn random_instance_id() -> Result<String, ConfigError> {
+    let mut bytes = [0u8; 6];
+    getrandom::fill(&mut bytes).map_err(|err| ConfigError {
+        variable: "FLY_ALLOC_ID",
+        value: String::new(),
+        reason: format!("unset, and no randomness to make one up: {err}"),
+    })?;
+    Ok(format!("local-{}", crate::message::hex(&bytes)))
+}
+
+fn parse_origins(var: Var) -> Result<Vec<String>, ConfigError> {
+    let Some(list) = &var.value else {
+        return Ok(Vec::new());
+    };
+    list.split(',')
+        .map(str::trim)
+        .filter(|entry| !entry.is_empty())
+        .map(|entry| {
+            normalize_origin(entry).ok_or_else(|| {
+                var.error(&format!(
+                    "{entry:?} is not an origin like https://example.com[:port]"
+                ))
+            })
+        })
+        .collect()
+}
+
+/// `scheme://host[:port]` in lowercase without the scheme's default port, or
+/// None when `origin` is not a web origin (a path, no scheme, `null`...).
+pub fn normalize_origin(origin: &str) -> Option<String> {
+    let origin = origin.trim().to_ascii_lowercase();
+    let (scheme, authority) = origin.split_once("://")?;
+    let default_port = match scheme {
+        "http" => ":80",
+        "https" => ":443",
+        _ => return None,
+    };
+    let authority = authority.strip_suffix('/').unwrap_or(authority);
+    let valid = |c: char| c.is_ascii_alphanumeric() || "-.:[]".contains(c);
+    if authority.is_empty() || !authority.chars().all(valid) {
+        return None;
+    }
+    let authority = authority.strip_suffix(default_port).unwrap_or(authority);
+    Some(format!("{scheme}://{authority}"))
+}
+
+fn choose_broker(
+    lookup: &impl Fn(&str) -> Option<String>,
+    instance_id: &str,
+) -> Result<BrokerChoice, ConfigError> {
+    let var = |name: &'static str| Var {
+        name,
+        value: lookup(name).filter(|v| !v.is_empty()),
+    };
+    let emulator = var("PUBSUB_EMULATOR_HOST");
+    let key_path = var("GOOGLE_APPLICATION_CREDENTIALS");
+    let key_json = var("GOOGLE_SERVICE_ACCOUNT_JSON");
+    let endpoint = var("PUBSUB_ENDPOINT");
+    let default_key = std::path::Path::new(DEFAULT_KEY_FILE);
+
+    let (account, endpoint, reason) = if let Some(host) = &emulator.value {
+        // Google's convention: host:port, plain http, no credentials.
+        let valid = !host.contains("://")
+            && host
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok());
+        if !valid {
+            return Err(emulator.error("expected host:port (no scheme), e.g. localhost:8085"));
+        }
+        (
+            None,
+            format!("http://{host}"),
+            format!("PUBSUB_EMULATOR_HOST={host}: emulator, no auth"),
+        )
+    } else {
+        let (account, source) = if let Some(path) = &key_path.value {
+            let text = std::fs::read_to_string(path)
+                .map_err(|err| key_path.error(&format!("cannot read the key file: {err}")))?;
+            let account = ServiceAccount::from_json(&text).map_err(|why| key_path.error(&why))?;
+            (account, format!("GOOGLE_APPLICATION_CREDENTIALS={path}"))
+        } else if let Some(text) = &key_json.value {
+            // The value is the key itself: never echo it.
+            let hidden = |why: String| ConfigError {
+                variable: key_json.name,
+                value: "(hidden)".into(),
+                reason: why,
+            };
+            (
+                ServiceAccount::from_json(text).map_err(hidden)?,
+                "GOOGLE_SERVICE_ACCOUNT_JSON".to_string(),
+            )
+        } else if default_key.exists() {
+            let text = std::fs::read_to_string(default_key).map_err(|err| ConfigError {
+                variable: "GOOGLE_APPLICATION_CREDENTIALS",
+                value: format!("(unset; found ./{DEFAULT_KEY_FILE})"),
+                reason: format!("cannot read ./{DEFAULT_KEY_FILE}: {err}"),
+            })?;
+            let account = ServiceAccount::from_json(&text).map_err(|why| ConfigError {
+                variable: "GOOGLE_APPLICATION_CREDENTIALS",
+                value: format!("(unset; found ./{DEFAULT_KEY_FILE})"),
+                reason: why,
+            })?;
+            (account, format!("./{DEFAULT_KEY_FILE}"))
+        } else {
+            if endpoint.value.is_some() || var("PUBSUB_PROJECT_ID").value.is_some() {
+                let named = if endpoint.value.is_some() {
+                    endpoint
+                } else {
+                    var("PUBSUB_PROJECT_ID")
+                };
+                return Err(named.error(
+                    "Pub/Sub needs credentials: set GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_SERVICE_ACCOUNT_JSON (or PUBSUB_EMULATOR_HOST)",
+                ));
+            }
+            return Ok(BrokerChoice::Local {
+                reason: format!(
+                    "no Pub/Sub configuration ({} unset, no ./{DEFAULT_KEY_FILE})",
+                    PUBSUB_VARIABLES.join(", ")
+                ),
+            });
+        };
+        let base = match &endpoint.value {
+            Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
+                url.trim_end_matches('/').to_string()
+            }
+            Some(_) => return Err(endpoint.error("expected an http:// or https:// URL")),
+            None => "https://pubsub.googleapis.com".to_string(),
+        };
+        let reason = format!("credentials from {source} for {}", account.client_email);
+        (Some(account), base, reason)
+    };
+
+    let project_var = var("PUBSUB_PROJECT_ID");
+    let project = project_var
+        .value
+        .clone()
+        .or_else(|| var("GOOGLE_CLOUD_PROJECT").value)
+        .or_else(|| account.as_ref().and_then(|a| a.project_id.clone()))
+        .ok_or_else(|| project_var.error("no Google Cloud project: set PUBSUB_PROJECT_ID"))?;
+    if project.is_empty()
+        || !project
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-.:".contains(c))
+    {
+        return Err(Var {
+            name: "PUBSUB_PROJECT_ID",
+            value: Some(project),
+        }
+        .error("not a project id"));
+    }
+    let topic_var = var("PUBSUB_TOPIC");
+    let topic = topic_var
+        .value
+        .clone()
+        .unwrap_or_else(|| "ALIEN_NOTIFICATIONS".to_string());
+    if !is_resource_id(&topic) {
+        return Err(topic_var.error(RESOURCE_ID_RULES));
+    }
+    let settings = PubSubChoice {
+        endpoint,
+        account,
+        project,
+        topic,
+        subscription: subscription_id(instance_id),
+    };
+    Ok(BrokerChoice::PubSub {
+        settings: Box::new(settings),
+        reason,
+    })
+}
+
+const RESOURCE_ID_RULES: &str = "a Pub/Sub id starts with a letter, has 3-255 of A-Z a-z 0-9 - _ . ~ + %, and does not start with goog";
+
+/// Pub/Sub's rule for topic and subscription ids.
+pub fn is_resource_id(id: &str) -> bool {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-_.~+%".contains(c);
+    (3..=255).contains(&id.len())
+        && id.starts_with(|c: char| c.is_ascii_alphabetic())
+        && !id.to_ascii_lowercase().starts_with("goog")
+        && id.chars().all(allowed)
+}
+
+/// This instance's subscription: `ID_<instance id>` (the original's naming;
+/// the prefix makes it start with a letter), with characters Pub/Sub does not
+/// allow replaced and the length capped.
+pub fn subscription_id(instance_id: &str) -> String {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || "-_.~+".contains(c);
+    let mut id: String = format!("ID_{instance_id}")
+        .chars()
+        .map(|c| if allowed(c) { c } else { '_' })
+        .collect();
+    id.truncate(255);
+    id
+}
+
+/// The text of `skywatch --help`.
+pub fn help() -> String {
+    let mut text = String::from(
+        "skywatch: real-time alien-landing alerts for browsers.\n\n\
+         Usage: skywatch [--help | --version]\n\n\
+         Serves the page at /, WebSockets at /ws, liveness at /healthz.\n\
+         Configured only through environment variables:\n\n",
+    );
+    for (name, default, meaning) in VARIABLES {
+        text.push_str(&format!(
+            "  {name:<32} {meaning}\n  {:<32} default: {default}\n",
+            ""
+        ));
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|name| map.get(name).cloned())
+    }
+
+    #[test]
+    fn defaults_follow_fly_conventions() {
+        let c = config(&[]).unwrap();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.region, "LOCAL_REGION");
+        assert_eq!(c.max_connections, 10_000);
+        assert_eq!((c.alerts_per_second, c.alert_burst), (1.0, 5));
+        assert!(matches!(c.broker, BrokerChoice::Local { .. }));
+    }
+
+    #[test]
+    fn subscription_ids_follow_pubsub_rules() {
+        for instance in [
+            "3f2df1d3",
+            "local-0a1b2c",
+            "a b/c\u{e9}",
+            &"x".repeat(400),
+            "",
+        ] {
+            let id = subscription_id(instance);
+            assert!(is_resource_id(&id), "{id}");
+        }
+        assert_eq!(subscription_id("3f2df1d3"), "ID_3f2df1d3");
+        assert!(!is_resource_id("goog-topic") && !is_resource_id("1abc") && !is_resource_id("ab"));
+    }
+
+    #[test]
+    fn the_emulator_needs_no_key_but_a_project() {
+        let c = config(&[
+            ("PUBSUB_EMULATOR_HOST", "localhost:8085"),
+            ("PUBSUB_PROJECT_ID", "demo"),
+        ])
+        .unwrap();
+        let BrokerChoice::PubSub { settings, .. } = c.broker else {
+            panic!("expected Pub/Sub")
+        };
+        assert_eq!(settings.endpoint, "http://localhost:8085");
+        assert!(settings.account.is_none());
+        assert_eq!(
+            (settings.project.as_str(), settings.topic.as_str()),
+            ("demo", "ALIEN_NOTIFICATIONS")
+        );
+        let err = config(&[("PUBSUB_EMULATOR_HOST", "localhost:8085")]).unwrap_err();
+        assert_eq!(err.variable, "PUBSUB_PROJECT_ID");
+        let err = config(&[
+            ("PUBSUB_EMULATOR_HOST", "http://localhost:8085"),
+            ("PUBSUB_PROJECT_ID", "p"),
+        ])
+        .unwrap_err();
+        assert_eq!(err.variable, "PUBSUB_EMULATOR_HOST");
+    }
+
+    #[test]
+    fn a_broken_inline_key_is_named_but_never_echoed() {
+        let secret = r#"{"type":"service_account","private_key":"-----BEGIN PRIVATE KEY-----\nSECRETSECRET\n-----END PRIVATE KEY-----\n","client_email":"a@b"}"#;
+        let err = config(&[("GOOGLE_SERVICE_ACCOUNT_JSON", secret)]).unwrap_err();
+        assert_eq!(err.variable, "GOOGLE_SERVICE_ACCOUNT_JSON");
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+        let err = config(&[("GOOGLE_SERVICE_ACCOUNT_JSON", "not json SECRET")]).unwrap_err();
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn instance_ids_are_random_when_fly_gives_none() {
+        let a = config(&[]).unwrap().instance_id;
+        let b = config(&[]).unwrap().instance_id;
+        assert_ne!(a, b);
+        assert_eq!(
+            config(&[("FLY_ALLOC_ID", "abc")]).unwrap().instance_id,
+            "abc"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_value() {
+        let cases = [
+            ("PORT", "abc"),
+            ("PORT", "70000"),
+            ("HOST", "nowhere"),
+            ("MAX_CONNECTIONS", "0"),
+            ("MAX_CONNECTIONS", "-1"),
+            ("ALERTS_PER_SECOND", "0"),
+            ("ALERTS_PER_SECOND", "NaN"),
+            ("ALERTS_PER_SECOND", "inf"),
+            ("ALERT_BURST", "0"),
+            ("LOG_LEVEL", "loud"),
+            ("PING_INTERVAL_SECS", "0"),
+            ("HANDSHAKE_TIMEOUT_SECS", "1.5"),
+            ("ALLOWED_ORIGINS", "not a url"),
+            ("ALLOWED_ORIGINS", "https://ok.example,ftp://x"),
+        ];
+        for (name, value) in cases {
+            let err = config(&[(name, value)]).expect_err(name);
+            assert_eq!(err.variable, name);
+            assert!(
+                err.to_string().starts_with(&format!("invalid {name}=")),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn origins_are_normalized() {
+        assert_eq!(
+            normalize_origin("HTTPS://Example.com:443/").as_deref(),
+            Some("https://example.com")
+        );
+        assert_eq!(
+            normalize_origin("http://localhost:8080").as_deref(),
+            Some("http://localhost:8080")
+        );
+        assert_eq!(
+            normalize_origin("http://[::1]:80").as_deref(),
+            Some("http://[::1]")
+        );
+        for bad in [
+            "null",
+            "example.com",
+            "https://",
+            "https://a.com/path",
+            "file://x",
+        ] {
+            assert_eq!(normalize_origin(bad), None, "{bad}");
+        }
+        let c = config(&[(
+            "ALLOWED_ORIGINS",
+            " https://a.example , http://b.example:8080 ",
+        )])
+        .unwrap();
+        assert_eq!(
+            c.allowed_origins,
+            ["https://a.example", "http://b.example:8080"]
+        );
+    }
+
+    #[test]
+    fn help_lists_every_variable_with_its_default() {
+        let text = help();
+        for (name, default, _) in VARIABLES {
+            assert!(text.contains(name) && text.contains(default), "{name}");
+        }
+    }
+}

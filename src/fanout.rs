@@ -1,0 +1,455 @@
+//! The fan-out thread: the only code that writes to a client socket.
+//!
+//! Each connection's socket thread owns the read half of its socket; when the
+//! handshake is done it hands a clone of the socket (the write half) to this
+//! thread in [`Event::Join`] and never writes to the socket again. From then
+//! on everything a client receives — the greeting, alerts, replies, pongs,
+//! pings, close frames — is written here, by one thread, in order. That is why
+//! frames can never tear or interleave, and why no socket needs a lock.
+//!
+//! Writes never block: each is a `send(MSG_DONTWAIT)`. What a client's kernel
+//! buffer cannot take waits in that client's backlog, which is retried every
+//! few milliseconds; a backlog past [`Limits::max_backlog`] bytes, or older
+//! than [`Limits::slow_client_grace`], gets the client disconnected. So a
+//! client that stops reading costs the others nothing.
+//!
+//! An alert is serialized and framed once, then the same bytes are written to
+//! every client.
+
+use crate::message::Alert;
+use crossbeam_channel::{Receiver, select_biased};
+use socket2::SockRef;
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::net::{Shutdown, TcpStream};
+use std::sync::Arc;
+use std::sync::LazyLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tungstenite::protocol::CloseFrame;
+use tungstenite::protocol::frame::Frame;
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+
+pub type ClientId = u64;
+
+/// What socket threads (and `main`, for shutdown) tell the fan-out thread.
+pub enum Event {
+    /// A client finished its handshake. `writer` is its socket's write half,
+    /// owned here from now on; `greeting` is written before anything else.
+    Join {
+        id: ClientId,
+        writer: TcpStream,
+        greeting: Vec<u8>,
+        last_seen: Arc<AtomicU64>,
+    },
+    /// Encoded frames for one client: a reply, a pong, a close echo.
+    Send { id: ClientId, frames: Vec<u8> },
+    /// Send this close frame, then nothing more.
+    Close { id: ClientId, frame: Vec<u8> },
+    /// The client's socket thread has ended.
+    Leave { id: ClientId },
+    /// Close every client with 1001 (going away) and return once they are
+    /// gone or `deadline` passes.
+    Shutdown { deadline: Instant },
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Ping a client silent for this long; drop it after another silent one.
+    pub ping_interval: Duration,
+    /// Most bytes kept for a client whose socket buffer is full.
+    pub max_backlog: usize,
+    /// Longest a client may leave its backlog unread.
+    pub slow_client_grace: Duration,
+}
+
+/// How often a non-empty backlog is retried. Only clients that have fallen
+/// behind cost anything; an idle server never wakes for this.
+const FLUSH_RETRY: Duration = Duration::from_millis(10);
+
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+/// Milliseconds on a process-wide monotonic clock, for `last_seen` stamps.
+pub fn now_ms() -> u64 {
+    EPOCH.elapsed().as_millis() as u64
+}
+
+/// Runs the fan-out thread until shutdown completes (or every sender of
+/// `events` is gone).
+pub fn run(limits: Limits, deliveries: Receiver<Alert>, events: Receiver<Event>) {
+    let mut hub = Hub {
+        limits,
+        clients: HashMap::new(),
+        behind: HashSet::new(),
+        next_ping_check: Instant::now() + limits.ping_interval,
+        stopping: None,
+        ping: encode(Frame::ping(Vec::new())),
+        going_away: close_frame(CloseCode::Away, "server shutting down"),
+    };
+    let mut deliveries = Some(deliveries);
+    loop {
+        let now = Instant::now();
+        let timeout = hub.next_wakeup(now).saturating_duration_since(now);
+        // Biased towards events: a client's Leave or a shutdown should not
+        // wait behind a long queue of alerts.
+        let never = crossbeam_channel::never();
+        select_biased! {
+            recv(events) -> event => match event {
+                Ok(event) => hub.handle(event),
+                Err(_) => break,
+            },
+            recv(deliveries.as_ref().unwrap_or(&never)) -> alert => match alert {
+                Ok(alert) => hub.broadcast(&alert),
+                Err(_) => deliveries = None,
+            },
+            default(timeout) => {}
+        }
+        if hub.housekeeping(Instant::now()) == Flow::Done {
+            break;
+        }
+    }
+}
+
+#[derive(PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Done,
+}
+
+struct Hub {
+    limits: Limits,
+    clients: HashMap<ClientId, Client>,
+    /// Clients with a non-empty backlog.
+    behind: HashSet<ClientId>,
+    next_ping_check: Instant,
+    stopping: Option<Instant>,
+    ping: Vec<u8>,
+    going_away: Vec<u8>,
+}
+
+impl Hub {
+    fn next_wakeup(&self, now: Instant) -> Instant {
+        let mut at = self.next_ping_check;
+        if !self.behind.is_empty() {
+            at = at.min(now + FLUSH_RETRY);
+        }
+        if let Some(deadline) = self.stopping {
+            at = at.min(deadline);
+        }
+        at
+    }
+
+    fn handle(&mut self, event: Event) {
+        let now = Instant::now();
+        match event {
+            Event::Join {
+                id,
+                writer,
+                greeting,
+                last_seen,
+            } => {
+                let mut client = Client {
+                    writer,
+                    backlog: Vec::new(),
+                    behind_since: None,
+                    last_seen,
+                    pinged_at: None,
+                    closing: false,
+                };
+                let sent = client.send(&greeting, now, &self.limits);
+                let sent = sent.and_then(|()| match self.stopping {
+                    Some(_) => client.close(&self.going_away, now, &self.limits),
+                    None => Ok(()),
+                });
+                self.clients.insert(id, client);
+                self.settle(id, sent);
+            }
+            Event::Send { id, frames } => {
+                if let Some(client) = self.clients.get_mut(&id) {
+                    let sent = client.send(&frames, now, &self.limits);
+                    self.settle(id, sent);
+                }
+            }
+            Event::Close { id, frame } => {
+                if let Some(client) = self.clients.get_mut(&id) {
+                    let sent = client.close(&frame, now, &self.limits);
+                    self.settle(id, sent);
+                }
+            }
+            Event::Leave { id } => {
+                self.behind.remove(&id);
+                if let Some(mut client) = self.clients.remove(&id) {
+                    // Last chance for a close frame still in the backlog.
+                    let _ = client.flush();
+                }
+            }
+            Event::Shutdown { deadline } => {
+                self.stopping = Some(deadline);
+                for (id, client) in &mut self.clients {
+                    if client.close(&self.going_away, now, &self.limits).is_ok()
+                        && client.is_behind()
+                    {
+                        self.behind.insert(*id);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Records the outcome of a write to one client.
+    fn settle(&mut self, id: ClientId, sent: Result<(), Gone>) {
+        match sent {
+            Ok(()) => {
+                if self.clients.get(&id).is_some_and(Client::is_behind) {
+                    self.behind.insert(id);
+                }
+            }
+            Err(gone) => self.disconnect(id, gone),
+        }
+    }
+
+    fn broadcast(&mut self, alert: &Alert) {
+        if self.stopping.is_some() {
+            return;
+        }
+        let frame = encode(Frame::message(
+            alert.to_client_json(),
+            OpCode::Data(Data::Text),
+            true,
+        ));
+        let now = Instant::now();
+        let Hub {
+            clients,
+            behind,
+            limits,
+            ..
+        } = self;
+        clients.retain(|id, client| match client.send(&frame, now, limits) {
+            Ok(()) => {
+                if client.is_behind() {
+                    behind.insert(*id);
+                }
+                true
+            }
+            Err(gone) => {
+                gone.log(*id);
+                client.disconnect();
+                behind.remove(id);
+                false
+            }
+        });
+    }
+
+    fn disconnect(&mut self, id: ClientId, gone: Gone) {
+        self.behind.remove(&id);
+        if let Some(client) = self.clients.remove(&id) {
+            gone.log(id);
+            client.disconnect();
+        }
+    }
+
+    /// Retries backlogs, pings idle clients, and finishes a shutdown.
+    fn housekeeping(&mut self, now: Instant) -> Flow {
+        let stuck: Vec<(ClientId, Gone)> = self
+            .behind
+            .iter()
+            .filter_map(|id| {
+                let client = self.clients.get_mut(id)?;
+                client.flush().err().map(|gone| (*id, gone))
+            })
+            .collect();
+        for (id, gone) in stuck {
+            self.disconnect(id, gone);
+        }
+        let grace = self.limits.slow_client_grace;
+        let too_slow: Vec<ClientId> = self
+            .behind
+            .iter()
+            .copied()
+            .filter(|id| {
+                self.clients
+                    .get(id)
+                    .and_then(|c| c.behind_since)
+                    .is_some_and(|since| now - since > grace)
+            })
+            .collect();
+        for id in too_slow {
+            self.disconnect(id, Gone::Slow("its backlog went unread too long"));
+        }
+        let clients = &self.clients;
+        self.behind
+            .retain(|id| clients.get(id).is_some_and(Client::is_behind));
+
+        if now >= self.next_ping_check {
+            self.next_ping_check = now + self.limits.ping_interval;
+            self.keepalive();
+        }
+
+        match self.stopping {
+            Some(deadline) if self.clients.is_empty() || now >= deadline => {
+                for (_, client) in self.clients.drain() {
+                    client.disconnect();
+                }
+                Flow::Done
+            }
+            _ => Flow::Continue,
+        }
+    }
+
+    /// Pings clients silent for an interval, and drops a client that has
+    /// not made a sound in the whole interval since its ping. Checked once
+    /// per interval, so a silent peer is gone within three intervals.
+    fn keepalive(&mut self) {
+        let interval = self.limits.ping_interval.as_millis() as u64;
+        let now_ms = now_ms();
+        let now = Instant::now();
+        let mut dead = Vec::new();
+        for (id, client) in &mut self.clients {
+            let last_seen = client.last_seen.load(Ordering::Relaxed);
+            match client.pinged_at {
+                Some(pinged) if last_seen >= pinged => client.pinged_at = None,
+                Some(pinged) if now_ms.saturating_sub(pinged) >= interval => {
+                    dead.push((*id, Gone::Silent));
+                    continue;
+                }
+                _ => {}
+            }
+            if client.pinged_at.is_none() && now_ms.saturating_sub(last_seen) >= interval {
+                client.pinged_at = Some(now_ms);
+                if let Err(gone) = client.send(&self.ping, now, &self.limits) {
+                    dead.push((*id, gone));
+                } else if client.is_behind() {
+                    self.behind.insert(*id);
+                }
+            }
+        }
+        for (id, gone) in dead {
+            self.disconnect(id, gone);
+        }
+    }
+}
+
+/// Why a client was disconnected by the fan-out thread.
+enum Gone {
+    Io(io::Error),
+    Slow(&'static str),
+    Silent,
+}
+
+impl Gone {
+    fn log(&self, id: ClientId) {
+        match self {
+            Gone::Io(err) => crate::debug!("client {id}: write failed: {err}"),
+            Gone::Slow(why) => crate::warn!("disconnecting slow client {id}: {why}"),
+            Gone::Silent => crate::info!("disconnecting client {id}: no answer to ping"),
+        }
+    }
+}
+
+struct Client {
+    writer: TcpStream,
+    /// Bytes the kernel would not take yet, starting mid-frame if need be.
+    backlog: Vec<u8>,
+    behind_since: Option<Instant>,
+    last_seen: Arc<AtomicU64>,
+    /// When (on [`now_ms`]'s clock) the unanswered ping was sent, if any.
+    pinged_at: Option<u64>,
+    /// A close frame has been queued: nothing may follow it.
+    closing: bool,
+}
+
+impl Client {
+    fn is_behind(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    fn send(&mut self, bytes: &[u8], now: Instant, limits: &Limits) -> Result<(), Gone> {
+        if self.closing {
+            return Ok(());
+        }
+        if self.backlog.is_empty() {
+            let written = send_nonblocking(&self.writer, bytes).map_err(Gone::Io)?;
+            if written < bytes.len() {
+                self.backlog.extend_from_slice(&bytes[written..]);
+                self.behind_since = Some(now);
+            }
+        } else {
+            // Order matters: behind a partly written frame, nothing may jump
+            // the queue, or the client would read a torn frame.
+            self.backlog.extend_from_slice(bytes);
+            self.flush()?;
+        }
+        if self.backlog.len() > limits.max_backlog {
+            return Err(Gone::Slow("its backlog passed the limit"));
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, frame: &[u8], now: Instant, limits: &Limits) -> Result<(), Gone> {
+        let sent = self.send(frame, now, limits);
+        self.closing = true;
+        sent
+    }
+
+    fn flush(&mut self) -> Result<(), Gone> {
+        if self.backlog.is_empty() {
+            return Ok(());
+        }
+        let written = send_nonblocking(&self.writer, &self.backlog).map_err(Gone::Io)?;
+        self.backlog.drain(..written);
+        if self.backlog.is_empty() {
+            self.behind_since = None;
+            // A burst can grow a backlog; don't keep its memory for the
+            // connection's whole life.
+            self.backlog = Vec::new();
+        }
+        Ok(())
+    }
+
+    /// Ends the connection: the socket thread's blocked read returns at once
+    /// and it cleans up.
+    fn disconnect(&self) {
+        let _ = self.writer.shutdown(Shutdown::Both);
+    }
+}
+
+/// Writes what the socket's buffer takes now, without blocking.
+///
+/// The socket thread blocks reading the same socket (through a dup of this
+/// descriptor), so O_NONBLOCK, which is shared between the two, cannot be
+/// used; MSG_DONTWAIT makes just this call non-blocking. MSG_NOSIGNAL turns a
+/// peer's reset into EPIPE instead of a signal.
+fn send_nonblocking(writer: &TcpStream, mut bytes: &[u8]) -> io::Result<usize> {
+    let socket = SockRef::from(writer);
+    let mut written = 0;
+    while !bytes.is_empty() {
+        match socket.send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => {
+                written += n;
+                bytes = &bytes[n..];
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(written)
+}
+
+/// Encodes one server frame (unmasked) into bytes ready for the socket.
+pub fn encode(frame: Frame) -> Vec<u8> {
+    let mut out = Vec::with_capacity(frame.len());
+    frame
+        .format(&mut out)
+        .expect("writing to a Vec cannot fail");
+    out
+}
+
+/// An encoded close frame with `code` and a short human `reason`.
+pub fn close_frame(code: CloseCode, reason: &'static str) -> Vec<u8> {
+    encode(Frame::close(Some(CloseFrame {
+        code,
+        reason: reason.into(),
+    })))
+}

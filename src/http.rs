@@ -1,0 +1,497 @@
+//! The listener: accepts TCP connections, reads each HTTP request head, and
+//! either answers it (the page, health checks) or upgrades it to a WebSocket
+//! served by `socket.rs` on the same thread.
+//!
+//! Why not tiny_http: its `Request::upgrade` yields one boxed stream that can
+//! be neither cloned nor given a timeout, so the fan-out thread could not own
+//! a write half while this thread blocks reading. With a handful of fixed
+//! routes, a small request reader over httparse (already in tungstenite's
+//! handshake) does the job and keeps every socket a plain `TcpStream`.
+
+use crate::config::normalize_origin;
+use crate::socket::{self, SessionContext};
+use socket2::SockRef;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// The page, built into the binary so a deploy is one file.
+const INDEX_HTML: &str = include_str!("../index.html");
+
+/// Largest request head accepted. Browsers send well under 2 KiB.
+const MAX_HEAD_BYTES: usize = 8 * 1024;
+
+/// Connections allowed beyond MAX_CONNECTIONS for requests that are not (yet)
+/// WebSockets: health checks and page loads keep working on a full server,
+/// while the number of threads stays bounded.
+const EXTRA_CONNECTIONS: usize = 256;
+
+/// Stack for each connection thread. Only touched pages count towards memory;
+/// the deepest path (JSON parsing of a 4 KiB message) stays far below this.
+const CONNECTION_STACK: usize = 256 * 1024;
+
+/// Kernel send buffer for a WebSocket. Alerts are ~150 bytes, so this holds
+/// hundreds, and it bounds kernel memory for a client that stops reading.
+const SOCKET_SEND_BUFFER: usize = 32 * 1024;
+
+pub struct HttpSettings {
+    pub allowed_origins: Vec<String>,
+    pub max_connections: usize,
+    pub handshake_timeout: Duration,
+}
+
+/// Shared by the acceptor and every connection thread.
+pub struct Server {
+    pub settings: HttpSettings,
+    pub session: SessionContext,
+    /// Open connections of any kind (each has a thread).
+    connections: AtomicUsize,
+    /// Open WebSocket clients, held against MAX_CONNECTIONS.
+    clients: AtomicUsize,
+    next_client_id: AtomicU64,
+}
+
+impl Server {
+    pub fn new(settings: HttpSettings, session: SessionContext) -> Server {
+        Server {
+            settings,
+            session,
+            connections: AtomicUsize::new(0),
+            clients: AtomicUsize::new(0),
+            next_client_id: AtomicU64::new(1),
+        }
+    }
+}
+
+/// The running acceptor thread.
+pub struct Acceptor {
+    listener: Arc<TcpListener>,
+    stopping: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl Acceptor {
+    /// Starts the thread that accepts connections on `listener`.
+    pub fn spawn(listener: TcpListener, server: Arc<Server>) -> io::Result<Acceptor> {
+        let listener = Arc::new(listener);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new().name("acceptor".into()).spawn({
+            let (listener, stopping) = (Arc::clone(&listener), Arc::clone(&stopping));
+            move || accept_loop(&listener, &server, &stopping)
+        })?;
+        Ok(Acceptor {
+            listener,
+            stopping,
+            thread,
+        })
+    }
+
+    /// Stops accepting: new connections are refused from here on.
+    pub fn stop(self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        // Shutting a listening socket down wakes the blocked accept() (Linux).
+        let _ = SockRef::from(&*self.listener).shutdown(Shutdown::Both);
+        let _ = self.thread.join();
+    }
+}
+
+fn accept_loop(listener: &TcpListener, server: &Arc<Server>, stopping: &AtomicBool) {
+    let limit = server.settings.max_connections + EXTRA_CONNECTIONS;
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => {
+                if stopping.load(Ordering::SeqCst) {
+                    return;
+                }
+                if server.connections.load(Ordering::SeqCst) >= limit {
+                    crate::warn!("refusing a connection: {limit} already open");
+                    continue; // dropping the stream closes it
+                }
+                server.connections.fetch_add(1, Ordering::SeqCst);
+                let for_thread = Arc::clone(server);
+                let spawned = std::thread::Builder::new()
+                    .name("connection".into())
+                    .stack_size(CONNECTION_STACK)
+                    .spawn(move || {
+                        handle_connection(stream, &for_thread);
+                        for_thread.connections.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if let Err(err) = spawned {
+                    server.connections.fetch_sub(1, Ordering::SeqCst);
+                    crate::error!("cannot start a connection thread: {err}");
+                }
+            }
+            Err(_) if stopping.load(Ordering::SeqCst) => return,
+            Err(err) => {
+                crate::warn!("accept failed: {err}");
+                // Out of descriptors or memory: nothing to wait on but time.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// A parsed request head.
+struct Head {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Head {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Whether a comma-separated header contains `token` (case-insensitive).
+    fn header_has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+}
+
+enum HeadError {
+    /// Timed out, reset, or closed before a whole head arrived.
+    Gone,
+    TooLarge,
+    Malformed,
+}
+
+fn handle_connection(mut stream: TcpStream, server: &Server) {
+    let deadline = Instant::now() + server.settings.handshake_timeout;
+    let _ = stream.set_nodelay(true);
+    let (head, already_read) = match read_head(&mut stream, deadline) {
+        Ok(parsed) => parsed,
+        Err(HeadError::Gone) => return,
+        Err(HeadError::TooLarge) => {
+            return respond(stream, Response::text(431, "request head too large\n"));
+        }
+        Err(HeadError::Malformed) => {
+            return respond(stream, Response::text(400, "malformed request\n"));
+        }
+    };
+    let head_only = head.method == "HEAD";
+    let response = match (head.path.as_str(), head.method.as_str()) {
+        ("/", "GET" | "HEAD") => Response::html(INDEX_HTML),
+        ("/healthz", "GET" | "HEAD") => Response::text(200, "ok"),
+        // Ready once alerts published here reach every instance: with
+        // Pub/Sub, when the subscription exists and pulling has begun.
+        ("/readyz", "GET" | "HEAD") => match server.session.broker.is_ready() {
+            true => Response::text(200, "ready"),
+            false => Response::text(503, "not ready: subscribing to Pub/Sub"),
+        },
+        ("/ws", "GET") => return upgrade(stream, &head, already_read, server),
+        ("/ws", _) => Response::text(405, "method not allowed\n").with_header("Allow", "GET"),
+        ("/" | "/healthz" | "/readyz", _) => {
+            Response::text(405, "method not allowed\n").with_header("Allow", "GET, HEAD")
+        }
+        _ => Response::text(404, "not found\n"),
+    };
+    respond(
+        stream,
+        if head_only {
+            response.without_body()
+        } else {
+            response
+        },
+    );
+}
+
+/// Reads until a whole request head has arrived, within `deadline` in all
+/// (a slowloris client trickling a byte at a time gets no extension).
+fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<(Head, Vec<u8>), HeadError> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            return Err(HeadError::Gone);
+        }
+        let n = match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return Err(HeadError::Gone),
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => {
+                let path = request.path.unwrap_or("/");
+                let head = Head {
+                    method: request.method.unwrap_or_default().to_string(),
+                    // The query string plays no part in routing.
+                    path: path.split('?').next().unwrap_or(path).to_string(),
+                    headers: request
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_string(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect(),
+                };
+                return Ok((head, buf.split_off(len)));
+            }
+            Ok(httparse::Status::Partial) if buf.len() < MAX_HEAD_BYTES => {}
+            Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+                return Err(HeadError::TooLarge);
+            }
+            Err(_) => return Err(HeadError::Malformed),
+        }
+    }
+}
+
+fn upgrade(mut stream: TcpStream, head: &Head, already_read: Vec<u8>, server: &Server) {
+    if !head.header_has_token("Upgrade", "websocket")
+        || !head.header_has_token("Connection", "upgrade")
+    {
+        let response = Response::text(426, "this endpoint speaks WebSocket only\n")
+            .with_header("Upgrade", "websocket")
+            .with_header("Sec-WebSocket-Version", "13");
+        return respond(stream, response);
+    }
+    if head.header("Sec-WebSocket-Version").map(str::trim) != Some("13") {
+        let response = Response::text(426, "unsupported WebSocket version; use 13\n")
+            .with_header("Upgrade", "websocket")
+            .with_header("Sec-WebSocket-Version", "13");
+        return respond(stream, response);
+    }
+    let Some(key) = head
+        .header("Sec-WebSocket-Key")
+        .map(str::trim)
+        .filter(|k| !k.is_empty())
+    else {
+        return respond(stream, Response::text(400, "missing Sec-WebSocket-Key\n"));
+    };
+    if !origin_allowed(head, &server.settings.allowed_origins) {
+        crate::info!(
+            "refusing WebSocket from origin {:?}",
+            head.header("Origin").unwrap_or_default()
+        );
+        return respond(stream, Response::text(403, "origin not allowed\n"));
+    }
+    let Some(_slot) = ClientSlot::take(&server.clients, server.settings.max_connections) else {
+        crate::warn!(
+            "refusing WebSocket: {} clients connected",
+            server.settings.max_connections
+        );
+        return respond(
+            stream,
+            Response::text(503, "server full, try again soon\n").with_header("Retry-After", "5"),
+        );
+    };
+
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let switching = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    if stream
+        .set_write_timeout(Some(server.settings.handshake_timeout))
+        .is_err()
+        || stream.write_all(switching.as_bytes()).is_err()
+    {
+        return;
+    }
+    // From here the socket thread blocks in read for as long as the client
+    // stays; only the keepalive decides when a silent peer is gone.
+    let _ = stream.set_read_timeout(None);
+    let _ = stream.set_write_timeout(None);
+    let _ = SockRef::from(&stream).set_send_buffer_size(SOCKET_SEND_BUFFER);
+    let id = server.next_client_id.fetch_add(1, Ordering::Relaxed);
+    socket::serve(id, stream, already_read, &server.session);
+}
+
+/// A place among MAX_CONNECTIONS clients, given back on drop.
+struct ClientSlot<'a>(&'a AtomicUsize);
+
+impl<'a> ClientSlot<'a> {
+    fn take(clients: &'a AtomicUsize, max: usize) -> Option<ClientSlot<'a>> {
+        clients
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| ClientSlot(clients))
+    }
+}
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Browsers always send Origin on a WebSocket handshake; a page on another
+/// site must not be able to open a socket with the user's cookies (cross-site
+/// WebSocket hijacking). Clients without Origin are not browsers and allowed.
+fn origin_allowed(head: &Head, allowed: &[String]) -> bool {
+    let Some(origin) = head.header("Origin") else {
+        return true;
+    };
+    let Some(origin) = normalize_origin(origin) else {
+        return false;
+    };
+    if allowed.contains(&origin) {
+        return true;
+    }
+    let (Some(host), Some((scheme, _))) = (head.header("Host"), origin.split_once("://")) else {
+        return false;
+    };
+    normalize_origin(&format!("{scheme}://{host}")).is_some_and(|same_host| same_host == origin)
+}
+
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    headers: Vec<(&'static str, &'static str)>,
+    body: &'static [u8],
+    content_length: usize,
+}
+
+impl Response {
+    fn text(status: u16, body: &'static str) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            headers: Vec::new(),
+            body: body.as_bytes(),
+            content_length: body.len(),
+        }
+    }
+
+    fn html(body: &'static str) -> Response {
+        Response {
+            content_type: "text/html; charset=utf-8",
+            ..Response::text(200, body)
+        }
+        .with_header("X-Frame-Options", "DENY")
+        .with_header("Referrer-Policy", "no-referrer")
+    }
+
+    fn with_header(mut self, name: &'static str, value: &'static str) -> Response {
+        self.headers.push((name, value));
+        self
+    }
+
+    /// For HEAD: same headers (Content-Length included), no body.
+    fn without_body(mut self) -> Response {
+        self.body = b"";
+        self
+    }
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "",
+    }
+}
+
+/// Writes a response and closes the connection. One request per connection:
+/// the page makes two requests in its life, so keep-alive would buy nothing.
+fn respond(mut stream: TcpStream, response: Response) {
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\
+         Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n",
+        response.status,
+        reason(response.status),
+        response.content_type,
+        response.content_length
+    )
+    .into_bytes();
+    for (name, value) in &response.headers {
+        out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(response.body);
+    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    if stream.write_all(&out).is_ok() {
+        let _ = stream.shutdown(Shutdown::Write);
+        socket::linger(&mut stream, Duration::from_secs(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(headers: &[(&str, &str)]) -> Head {
+        Head {
+            method: "GET".into(),
+            path: "/ws".into(),
+            headers: headers
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn origin_rules() {
+        let allowed = vec!["https://friend.example".to_string()];
+        let check = |headers: &[(&str, &str)]| origin_allowed(&head(headers), &allowed);
+        assert!(
+            check(&[("Host", "sky.fly.dev")]),
+            "no Origin: not a browser"
+        );
+        assert!(check(&[
+            ("Host", "sky.fly.dev"),
+            ("Origin", "https://sky.fly.dev")
+        ]));
+        assert!(check(&[
+            ("Host", "localhost:8080"),
+            ("Origin", "http://localhost:8080")
+        ]));
+        assert!(check(&[
+            ("Host", "sky.fly.dev:443"),
+            ("Origin", "https://SKY.fly.dev")
+        ]));
+        assert!(check(&[
+            ("Host", "sky.fly.dev"),
+            ("Origin", "https://friend.example")
+        ]));
+        assert!(!check(&[
+            ("Host", "sky.fly.dev"),
+            ("Origin", "https://evil.example")
+        ]));
+        assert!(!check(&[
+            ("Host", "localhost:8080"),
+            ("Origin", "http://localhost:9999")
+        ]));
+        assert!(!check(&[("Host", "sky.fly.dev"), ("Origin", "null")]));
+        assert!(
+            !check(&[("Origin", "https://sky.fly.dev")]),
+            "no Host to compare with"
+        );
+    }
+
+    #[test]
+    fn client_slots_are_bounded_and_returned() {
+        let clients = AtomicUsize::new(0);
+        let a = ClientSlot::take(&clients, 2);
+        let b = ClientSlot::take(&clients, 2);
+        assert!(a.is_some() && b.is_some());
+        assert!(ClientSlot::take(&clients, 2).is_none());
+        drop(a);
+        assert!(ClientSlot::take(&clients, 2).is_some());
+    }
+}

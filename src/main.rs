@@ -1,0 +1,167 @@
+//! Skywatch: press a button when you see an alien landing, and everyone
+//! connected to any instance, anywhere, sees the alert within moments.
+//!
+//! The whole shape of the server is here: read the configuration, start the
+//! broker and the fan-out, start accepting connections, wait for a signal,
+//! shut down in order. Every long-lived thread and channel is created below;
+//! ARCHITECTURE.md draws how they connect.
+
+mod auth;
+mod broker;
+mod config;
+mod fanout;
+mod http;
+mod log;
+mod message;
+mod ratelimit;
+mod socket;
+
+use broker::Broker;
+use broker::local::LocalBroker;
+use broker::pubsub::{PubSubBroker, PubSubSettings};
+use config::{BrokerChoice, Config};
+use crossbeam_channel::bounded;
+use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
+use std::net::TcpListener;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Alerts waiting for the fan-out thread. A full queue makes the local broker
+/// answer `broker_unavailable` rather than block a socket thread.
+const DELIVERY_QUEUE: usize = 1024;
+/// Greetings, replies and departures waiting for the fan-out thread.
+const EVENT_QUEUE: usize = 4096;
+/// Clients get this long to answer our close frame at shutdown.
+const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// Everything, broker clean-up included, finishes within this after a signal
+/// (Fly's kill_timeout is 5 s).
+const SHUTDOWN_BUDGET: Duration = Duration::from_millis(4500);
+
+fn main() -> ExitCode {
+    if let Some(code) = handle_arguments() {
+        return code;
+    }
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("skywatch: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    log::set_level(config.log_level);
+    match run(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            error!("{err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config: Config) -> Result<(), String> {
+    // Registered first, so a signal during start-up is not lost.
+    let mut signals = Signals::new([SIGINT, SIGTERM])
+        .map_err(|err| format!("cannot install signal handlers: {err}"))?;
+    let listener = TcpListener::bind((config.host, config.port))
+        .map_err(|err| format!("cannot listen on {}:{}: {err}", config.host, config.port))?;
+
+    // broker --deliveries--> fan-out <--events-- socket threads
+    // (the Pub/Sub broker adds its own publisher and puller threads)
+    let (deliveries_tx, deliveries_rx) = bounded(DELIVERY_QUEUE);
+    let (events_tx, events_rx) = bounded(EVENT_QUEUE);
+
+    let (broker, why): (Arc<dyn Broker>, String) = match config.broker {
+        BrokerChoice::Local { reason } => (Arc::new(LocalBroker::new(deliveries_tx)), reason),
+        BrokerChoice::PubSub { settings, reason } => {
+            let settings = *settings;
+            let settings = PubSubSettings {
+                endpoint: settings.endpoint,
+                tokens: settings.account.map(auth::TokenSource::new),
+                project: settings.project,
+                topic: settings.topic,
+                subscription: settings.subscription,
+            };
+            let broker = PubSubBroker::start(settings, deliveries_tx)
+                .map_err(|err| format!("cannot start the Pub/Sub threads: {err}"))?;
+            (Arc::new(broker), reason)
+        }
+    };
+    info!("broker: {}, {why}", broker.name());
+
+    let limits = fanout::Limits {
+        ping_interval: config.ping_interval,
+        max_backlog: 64 * 1024,
+        slow_client_grace: Duration::from_secs(10),
+    };
+    let fanout = std::thread::Builder::new()
+        .name("fanout".into())
+        .spawn(move || fanout::run(limits, deliveries_rx, events_rx))
+        .map_err(|err| format!("cannot start the fan-out thread: {err}"))?;
+
+    let server = Arc::new(http::Server::new(
+        http::HttpSettings {
+            allowed_origins: config.allowed_origins.clone(),
+            max_connections: config.max_connections,
+            handshake_timeout: config.handshake_timeout,
+        },
+        socket::SessionContext {
+            region: config.region.clone(),
+            instance_id: config.instance_id.clone(),
+            alerts_per_second: config.alerts_per_second,
+            alert_burst: config.alert_burst,
+            broker: Arc::clone(&broker),
+            events: events_tx.clone(),
+        },
+    ));
+    let address = listener
+        .local_addr()
+        .map_err(|err| format!("cannot read the bound address: {err}"))?;
+    let acceptor = http::Acceptor::spawn(listener, server)
+        .map_err(|err| format!("cannot start the acceptor thread: {err}"))?;
+    info!(
+        "instance {} in region {} listening on http://{address}",
+        config.instance_id, config.region
+    );
+
+    let signal = signals.forever().next().unwrap_or(SIGTERM);
+    let started = Instant::now();
+    info!(
+        "received {}, shutting down",
+        if signal == SIGINT {
+            "SIGINT"
+        } else {
+            "SIGTERM"
+        }
+    );
+
+    acceptor.stop();
+    let _ = events_tx.send(fanout::Event::Shutdown {
+        deadline: started + CLOSE_GRACE,
+    });
+    let _ = fanout.join();
+    broker.shutdown(started + SHUTDOWN_BUDGET);
+    info!("stopped in {} ms", started.elapsed().as_millis());
+    Ok(())
+}
+
+/// Handles `--help` and `--version`; returns the exit code when the process
+/// should not start the server.
+fn handle_arguments() -> Option<ExitCode> {
+    let argument = std::env::args().nth(1)?;
+    match argument.as_str() {
+        "-h" | "--help" => {
+            print!("{}", config::help());
+            Some(ExitCode::SUCCESS)
+        }
+        "-V" | "--version" => {
+            println!("skywatch {}", env!("CARGO_PKG_VERSION"));
+            Some(ExitCode::SUCCESS)
+        }
+        other => {
+            eprintln!("skywatch: unknown argument {other:?}; see skywatch --help");
+            Some(ExitCode::from(2))
+        }
+    }
+}

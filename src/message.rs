@@ -1,0 +1,234 @@
+//! The wire protocol between the page and the server, and the alert that
+//! travels between instances.
+//!
+//! Everything a client sends is parsed here into a closed set of requests;
+//! everything else becomes a [`Rejection`] with a stable code the page can
+//! show. The server, never the client, fills in an alert's region, sender and
+//! id: the original demo relayed whatever the client sent, so anyone could
+//! forge those.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Largest integer a browser's `Date.now()` can represent exactly.
+pub const MAX_TIMESTAMP: u64 = (1 << 53) - 1;
+
+/// An alert as it is broadcast to every client of every instance, and as it
+/// is carried through the broker.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Alert {
+    /// Milliseconds since the epoch, as the reporting browser's clock saw it.
+    pub timestamp: u64,
+    /// Region of the instance that took the alert (FLY_REGION).
+    #[serde(rename = "regionCode")]
+    pub region: String,
+    /// Id of the instance that took the alert (FLY_ALLOC_ID).
+    pub sender: String,
+    /// Unique id of this alert, assigned by the instance that took it.
+    pub id: String,
+}
+
+impl Alert {
+    /// The alert as the text of a WebSocket message. Encoded once per alert,
+    /// whatever the number of clients.
+    pub fn to_client_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Outbound<'a> {
+            message: &'static str,
+            #[serde(flatten)]
+            alert: &'a Alert,
+        }
+        serde_json::to_string(&Outbound {
+            message: "ALIEN_LANDING",
+            alert: self,
+        })
+        .expect("strings and integers always serialize")
+    }
+}
+
+/// Something a client may ask for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Request {
+    AlienLanding { timestamp: u64 },
+}
+
+/// Why a client's message was refused. `code` is stable and machine-readable
+/// (the page keys its feedback on it); `detail` is for people.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub code: &'static str,
+    pub detail: String,
+}
+
+impl Rejection {
+    pub fn new(code: &'static str, detail: impl Into<String>) -> Rejection {
+        Rejection {
+            code,
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Parses one text message from a client. Unknown fields are accepted and
+/// dropped, so a newer page can talk to an older server.
+pub fn parse_request(text: &str) -> Result<Request, Rejection> {
+    let fields: Map<String, Value> = serde_json::from_str(text)
+        .map_err(|err| Rejection::new("invalid_json", format!("expected a JSON object: {err}")))?;
+    match fields.get("message") {
+        Some(Value::String(kind)) if kind == "ALIEN_LANDING" => {
+            let timestamp = parse_timestamp(fields.get("timestamp"))?;
+            Ok(Request::AlienLanding { timestamp })
+        }
+        Some(Value::String(kind)) => Err(Rejection::new(
+            "unknown_message",
+            format!("unknown message {kind:?}; expected \"ALIEN_LANDING\""),
+        )),
+        Some(_) => Err(Rejection::new(
+            "unknown_message",
+            "\"message\" must be a string",
+        )),
+        None => Err(Rejection::new(
+            "unknown_message",
+            "missing \"message\" field",
+        )),
+    }
+}
+
+fn parse_timestamp(value: Option<&Value>) -> Result<u64, Rejection> {
+    let invalid = |why: &str| Rejection::new("invalid_alert", why.to_string());
+    match value {
+        None => Err(invalid(
+            "missing \"timestamp\" (milliseconds since the epoch)",
+        )),
+        Some(Value::Number(number)) => match number.as_u64() {
+            Some(ms) if ms <= MAX_TIMESTAMP => Ok(ms),
+            Some(_) => Err(invalid("\"timestamp\" is out of range")),
+            None => Err(invalid(
+                "\"timestamp\" must be a non-negative integer of milliseconds",
+            )),
+        },
+        Some(_) => Err(invalid("\"timestamp\" must be a number of milliseconds")),
+    }
+}
+
+/// The greeting a client gets once its socket is open.
+pub fn connected(region: &str) -> String {
+    serde_json::json!({ "message": "CONNECTED", "regionCode": region }).to_string()
+}
+
+/// The reply to a refused message; it goes to the sender only.
+pub fn error(rejection: &Rejection) -> String {
+    serde_json::json!({ "message": "ERROR", "error": rejection.code, "detail": rejection.detail })
+        .to_string()
+}
+
+/// A new alert id: 128 random bits in hex, unique across instances without
+/// any coordination between them.
+pub fn new_alert_id() -> std::io::Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
+    Ok(hex(&bytes))
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(text: &str) -> &'static str {
+        parse_request(text).expect_err("should be rejected").code
+    }
+
+    #[test]
+    fn parses_an_alert() {
+        let request = parse_request(r#"{"message":"ALIEN_LANDING","timestamp":1700000000000}"#);
+        assert_eq!(
+            request,
+            Ok(Request::AlienLanding {
+                timestamp: 1_700_000_000_000
+            })
+        );
+    }
+
+    #[test]
+    fn ignores_fields_the_server_owns_and_unknown_ones() {
+        let text = r#"{"message":"ALIEN_LANDING","timestamp":5,"regionCode":"x","sender":"y","id":"z","evil":{"a":[1]}}"#;
+        assert_eq!(
+            parse_request(text),
+            Ok(Request::AlienLanding { timestamp: 5 })
+        );
+    }
+
+    #[test]
+    fn rejects_what_is_not_a_json_object() {
+        for text in [
+            "",
+            "hello",
+            "{",
+            "[1,2]",
+            "3",
+            "\"ALIEN_LANDING\"",
+            "null",
+            "{\"message\":}",
+        ] {
+            assert_eq!(code(text), "invalid_json", "{text:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_unknown_or_missing_message_kinds() {
+        for text in [
+            r#"{}"#,
+            r#"{"message":"HELLO"}"#,
+            r#"{"message":7}"#,
+            r#"{"message":null}"#,
+        ] {
+            assert_eq!(code(text), "unknown_message", "{text:?}");
+        }
+    }
+
+    #[test]
+    fn rejects_bad_timestamps() {
+        for ts in [
+            "",
+            r#","timestamp":"1""#,
+            r#","timestamp":1.5"#,
+            r#","timestamp":-1"#,
+            r#","timestamp":null"#,
+            r#","timestamp":9007199254740992"#,
+            r#","timestamp":1e300"#,
+        ] {
+            let text = format!(r#"{{"message":"ALIEN_LANDING"{ts}}}"#);
+            assert_eq!(code(&text), "invalid_alert", "{text}");
+        }
+        let max = format!(r#"{{"message":"ALIEN_LANDING","timestamp":{MAX_TIMESTAMP}}}"#);
+        assert!(parse_request(&max).is_ok());
+    }
+
+    #[test]
+    fn an_alert_is_encoded_with_exactly_the_protocol_fields() {
+        let alert = Alert {
+            timestamp: 42,
+            region: "ams".into(),
+            sender: "abc".into(),
+            id: "1f".into(),
+        };
+        let value: Value = serde_json::from_str(&alert.to_client_json()).unwrap();
+        assert_eq!(
+            value,
+            serde_json::json!({"message":"ALIEN_LANDING","timestamp":42,"regionCode":"ams","sender":"abc","id":"1f"})
+        );
+    }
+
+    #[test]
+    fn alert_ids_are_distinct_hex() {
+        let a = new_alert_id().unwrap();
+        let b = new_alert_id().unwrap();
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}

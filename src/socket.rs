@@ -1,0 +1,258 @@
+//! One thread per WebSocket connection, which owns the socket's read half.
+//!
+//! The thread blocks in `read` until the client sends something — no polling,
+//! no timeouts — so an idle connection costs no CPU. It parses what arrives,
+//! rate-limits alerts and publishes them to the broker. It never writes to
+//! the socket: its greeting, replies and tungstenite's automatic pongs and
+//! close echoes are encoded here and handed to the fan-out thread, which owns
+//! the write half (see `fanout.rs`).
+
+use crate::broker::{Broker, PublishError};
+use crate::fanout::{self, ClientId, Event};
+use crate::message::{self, Alert, Rejection, Request};
+use crate::ratelimit::TokenBucket;
+use crossbeam_channel::Sender;
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::{Role, WebSocketConfig};
+use tungstenite::{Error as WsError, Message, WebSocket};
+
+/// Largest message a client may send. An alert is about 60 bytes.
+pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// How long to wait for the client's close frame after sending ours.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// What a socket thread needs from the rest of the server.
+pub struct SessionContext {
+    pub region: String,
+    pub instance_id: String,
+    pub alerts_per_second: f64,
+    pub alert_burst: u32,
+    pub broker: Arc<dyn Broker>,
+    pub events: Sender<Event>,
+}
+
+/// The socket's read side, as tungstenite sees it. Reads come from the
+/// socket; writes land in `out`, from where the fan-out thread sends them.
+/// tungstenite only ever writes whole frames into `out` (a Vec never takes
+/// less than it is given), so `out` always holds whole frames.
+struct ReadHalf {
+    socket: TcpStream,
+    out: Vec<u8>,
+}
+
+impl Read for ReadHalf {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.socket.read(buf)
+    }
+}
+
+impl Write for ReadHalf {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.out.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn websocket_config() -> WebSocketConfig {
+    // tungstenite's defaults (128 KiB buffers, 64 MiB messages) suit bulk
+    // transfer; here thousands of connections each carry tiny messages.
+    WebSocketConfig::default()
+        .read_buffer_size(MAX_MESSAGE_BYTES)
+        .write_buffer_size(0)
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES))
+}
+
+/// Serves one upgraded connection until it ends. `already_read` holds bytes
+/// the client sent right after its handshake request.
+pub fn serve(id: ClientId, socket: TcpStream, already_read: Vec<u8>, ctx: &SessionContext) {
+    let writer = match socket.try_clone() {
+        Ok(writer) => writer,
+        Err(err) => {
+            crate::warn!("client {id}: cannot clone socket: {err}");
+            return;
+        }
+    };
+    let last_seen = Arc::new(AtomicU64::new(fanout::now_ms()));
+    let read_half = ReadHalf {
+        socket,
+        out: Vec::new(),
+    };
+    let mut ws = WebSocket::from_partially_read(
+        read_half,
+        already_read,
+        Role::Server,
+        Some(websocket_config()),
+    );
+    let mut session = Session {
+        id,
+        ctx,
+        bucket: TokenBucket::new(ctx.alerts_per_second, ctx.alert_burst, Instant::now()),
+    };
+
+    let greeting = session.encode_text(&mut ws, message::connected(&ctx.region));
+    let join = Event::Join {
+        id,
+        writer,
+        greeting,
+        last_seen: Arc::clone(&last_seen),
+    };
+    if ctx.events.send(join).is_err() {
+        return; // the fan-out thread is gone: the server is stopping
+    }
+    crate::debug!("client {id}: connected");
+    let ending = session.read_loop(&mut ws, &last_seen);
+    if let Some((code, reason)) = ending {
+        crate::debug!("client {id}: closing with {}: {reason}", u16::from(code));
+        let _ = ctx.events.send(Event::Close {
+            id,
+            frame: fanout::close_frame(code, reason),
+        });
+        linger(&mut ws.get_mut().socket, CLOSE_LINGER);
+    }
+    let _ = ctx.events.send(Event::Leave { id });
+    crate::debug!("client {id}: disconnected");
+}
+
+struct Session<'a> {
+    id: ClientId,
+    ctx: &'a SessionContext,
+    bucket: TokenBucket,
+}
+
+type Ending = Option<(CloseCode, &'static str)>;
+
+impl Session<'_> {
+    /// Reads until the connection ends. Returns the close frame to send when
+    /// the server is the one ending it.
+    fn read_loop(&mut self, ws: &mut WebSocket<ReadHalf>, last_seen: &AtomicU64) -> Ending {
+        loop {
+            let result = ws.read();
+            if result.is_ok() {
+                last_seen.store(fanout::now_ms(), Ordering::Relaxed);
+                // Pushes out a pong or close echo tungstenite queued while reading.
+                let _ = ws.flush();
+            }
+            self.forward(ws);
+            match result {
+                Ok(Message::Text(text)) => self.handle_text(ws, text.as_str()),
+                Ok(Message::Binary(_)) => {
+                    return Some((CloseCode::Unsupported, "binary messages are not supported"));
+                }
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_)) => {
+                }
+                Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return None,
+                Err(WsError::Io(err)) => {
+                    crate::debug!("client {}: read failed: {err}", self.id);
+                    return None;
+                }
+                Err(WsError::Capacity(_)) => {
+                    return Some((CloseCode::Size, "message larger than 4096 bytes"));
+                }
+                Err(WsError::Utf8(_)) => {
+                    return Some((CloseCode::Invalid, "text is not valid UTF-8"));
+                }
+                Err(WsError::Protocol(err)) => {
+                    crate::debug!("client {}: protocol error: {err}", self.id);
+                    return Some((CloseCode::Protocol, "WebSocket protocol error"));
+                }
+                Err(err) => {
+                    crate::warn!("client {}: unexpected error: {err}", self.id);
+                    return Some((CloseCode::Error, "internal error"));
+                }
+            }
+        }
+    }
+
+    fn handle_text(&mut self, ws: &mut WebSocket<ReadHalf>, text: &str) {
+        let outcome = message::parse_request(text).and_then(|request| match request {
+            Request::AlienLanding { timestamp } => self.report_landing(timestamp),
+        });
+        if let Err(rejection) = outcome {
+            crate::debug!(
+                "client {}: rejected: {} ({})",
+                self.id,
+                rejection.code,
+                rejection.detail
+            );
+            let frames = self.encode_text(ws, message::error(&rejection));
+            let _ = self.ctx.events.send(Event::Send {
+                id: self.id,
+                frames,
+            });
+        }
+    }
+
+    fn report_landing(&mut self, timestamp: u64) -> Result<(), Rejection> {
+        if !self.bucket.try_take(Instant::now()) {
+            return Err(Rejection::new(
+                "rate_limited",
+                format!(
+                    "too many alerts: at most {} per second, {} at once",
+                    self.ctx.alerts_per_second, self.ctx.alert_burst
+                ),
+            ));
+        }
+        let id = message::new_alert_id().map_err(|err| {
+            Rejection::new("internal_error", format!("cannot make an alert id: {err}"))
+        })?;
+        let alert = Alert {
+            timestamp,
+            region: self.ctx.region.clone(),
+            sender: self.ctx.instance_id.clone(),
+            id,
+        };
+        self.ctx.broker.publish(alert).map_err(|err| match err {
+            PublishError::Unavailable => Rejection::new("broker_unavailable", err.to_string()),
+        })
+    }
+
+    /// Encodes a text message through tungstenite (so its state stays right)
+    /// and returns the frame bytes.
+    fn encode_text(&self, ws: &mut WebSocket<ReadHalf>, text: String) -> Vec<u8> {
+        if let Err(err) = ws.send(Message::text(text)) {
+            crate::debug!("client {}: cannot encode reply: {err}", self.id);
+        }
+        std::mem::take(&mut ws.get_mut().out)
+    }
+
+    /// Hands frames tungstenite wrote (pongs, close echoes) to the fan-out.
+    fn forward(&self, ws: &mut WebSocket<ReadHalf>) {
+        let frames = std::mem::take(&mut ws.get_mut().out);
+        if !frames.is_empty() {
+            let _ = self.ctx.events.send(Event::Send {
+                id: self.id,
+                frames,
+            });
+        }
+    }
+}
+
+/// After our last write (a close frame, an HTTP response), reads and discards
+/// until the client closes its side or `within` passes. Closing a socket with
+/// unread input sends a reset, which can make the client lose what we wrote.
+pub fn linger(socket: &mut TcpStream, within: Duration) {
+    let deadline = Instant::now() + within;
+    let mut sink = [0u8; 512];
+    let mut budget: usize = 64 * 1024;
+    while budget > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || socket.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match socket.read(&mut sink) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => budget = budget.saturating_sub(n),
+        }
+    }
+}

@@ -1,0 +1,855 @@
+//! Test harness for the `skywatch` binary: spawns the real server as a child
+//! process, captures its output, and provides small WebSocket and raw HTTP
+//! clients that only talk to loopback addresses.
+//!
+//! Every blocking operation has a bounded timeout so that a broken server
+//! makes a test fail instead of hanging it.
+
+// Each integration-test crate uses a different subset of these helpers.
+#![allow(dead_code)]
+
+use std::collections::BTreeSet;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use tungstenite::handshake::client::Response;
+use tungstenite::http::Uri;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{ClientRequestBuilder, Error as WsError, HandshakeError, Message, WebSocket};
+
+/// Default bound for any single wait on the server (a read, a log line, ...).
+pub const TIMEOUT: Duration = Duration::from_secs(5);
+/// Bound for the server to print its `listening on` line.
+pub const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_skywatch");
+
+// ---------------------------------------------------------------------------
+// Captured output
+// ---------------------------------------------------------------------------
+
+#[derive(Default)]
+struct OutputState {
+    text: String,
+    closed: bool,
+}
+
+/// Text captured from one of the child's pipes by a background thread.
+#[derive(Default)]
+pub struct Output {
+    state: Mutex<OutputState>,
+    changed: Condvar,
+}
+
+impl Output {
+    fn capture<R: Read + Send + 'static>(pipe: R) -> Arc<Output> {
+        let out = Arc::new(Output::default());
+        let sink = Arc::clone(&out);
+        thread::spawn(move || {
+            let mut reader = BufReader::new(pipe);
+            let mut line = Vec::new();
+            loop {
+                line.clear();
+                match reader.read_until(b'\n', &mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        let mut st = sink.state.lock().unwrap();
+                        st.text.push_str(&String::from_utf8_lossy(&line));
+                        sink.changed.notify_all();
+                    }
+                }
+            }
+            sink.state.lock().unwrap().closed = true;
+            sink.changed.notify_all();
+        });
+        out
+    }
+
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        self.state.lock().unwrap().text.clone()
+    }
+
+    /// Whether the pipe reached EOF.
+    pub fn is_closed(&self) -> bool {
+        self.state.lock().unwrap().closed
+    }
+
+    /// Waits until `pred(text)` holds or the pipe closes or `deadline` passes.
+    /// Returns the text at that moment and whether the predicate held.
+    fn wait_until(&self, deadline: Instant, pred: impl Fn(&str) -> bool) -> (String, bool) {
+        let mut st = self.state.lock().unwrap();
+        loop {
+            if pred(&st.text) {
+                return (st.text.clone(), true);
+            }
+            let now = Instant::now();
+            if st.closed || now >= deadline {
+                return (st.text.clone(), false);
+            }
+            st = self.changed.wait_timeout(st, deadline - now).unwrap().0;
+        }
+    }
+
+    /// Waits until the pipe reaches EOF (the child exited or closed it).
+    fn wait_closed(&self, deadline: Instant) -> bool {
+        let mut st = self.state.lock().unwrap();
+        loop {
+            if st.closed {
+                return true;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self.changed.wait_timeout(st, deadline - now).unwrap().0;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Child process
+// ---------------------------------------------------------------------------
+
+/// The `skywatch` binary running as a child process with a clean environment.
+/// Killed on drop.
+pub struct Process {
+    child: Child,
+    status: Option<ExitStatus>,
+    pub stdout: Arc<Output>,
+    pub stderr: Arc<Output>,
+}
+
+impl Process {
+    /// Starts the binary with `args` and an environment made only of PATH,
+    /// HOST=127.0.0.1, PORT=0 and then `envs` (which may override HOST/PORT).
+    pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Process {
+        let mut cmd = Command::new(BIN);
+        cmd.args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOST", "127.0.0.1")
+            .env("PORT", "0");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+        let stdout = Output::capture(child.stdout.take().unwrap());
+        let stderr = Output::capture(child.stderr.take().unwrap());
+        Process {
+            child,
+            status: None,
+            stdout,
+            stderr,
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits in i32")
+    }
+
+    /// Sends a signal (e.g. `libc::SIGTERM`) to the child.
+    pub fn signal(&self, sig: libc::c_int) {
+        assert!(
+            self.status.is_none(),
+            "cannot signal a child that already exited"
+        );
+        // SAFETY: kill(2) has no memory-safety preconditions; the pid is our
+        // own child, which has not been reaped yet.
+        let rc = unsafe { libc::kill(self.pid(), sig) };
+        assert_eq!(rc, 0, "kill({}, {sig}) failed", self.pid());
+    }
+
+    /// Waits for the child to exit, at most `timeout`. Returns `None` if it is
+    /// still running afterwards.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        if let Some(st) = self.status {
+            return Some(st);
+        }
+        let deadline = Instant::now() + timeout;
+        // The pipes reach EOF when the process exits: wait for that event
+        // first, then reap it.
+        self.stdout.wait_closed(deadline);
+        self.stderr.wait_closed(deadline);
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                self.status = Some(st);
+                return Some(st);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            // Pipes are closed (or the deadline is near); the exit is imminent.
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// A summary of the child's output, for assertion messages.
+    pub fn dump(&self) -> String {
+        format!(
+            "--- child stderr ---\n{}--- child stdout ---\n{}",
+            self.stderr.text(),
+            self.stdout.text()
+        )
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if self.status.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            eprintln!("{}", self.dump());
+        }
+    }
+}
+
+/// Result of running the binary to completion.
+pub struct Finished {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the binary until it exits (at most `TIMEOUT`); panics if it keeps
+/// running (which a server with bad configuration would do).
+pub fn run_to_exit(args: &[&str], envs: &[(&str, &str)]) -> Finished {
+    let mut p = Process::spawn(args, envs);
+    let status = p.wait_exit(TIMEOUT).unwrap_or_else(|| {
+        panic!(
+            "`skywatch {}` with {envs:?} still running after {TIMEOUT:?}\n{}",
+            args.join(" "),
+            p.dump()
+        )
+    });
+    // The pipes may deliver their last bytes just after the exit.
+    let deadline = Instant::now() + TIMEOUT;
+    p.stdout.wait_closed(deadline);
+    p.stderr.wait_closed(deadline);
+    Finished {
+        status,
+        stdout: p.stdout.text(),
+        stderr: p.stderr.text(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Running server
+// ---------------------------------------------------------------------------
+
+/// A running server listening on a loopback address.
+pub struct Server {
+    pub process: Process,
+    pub addr: SocketAddr,
+}
+
+impl Server {
+    /// Starts the server with HOST=127.0.0.1 PORT=0 plus `envs`, and waits
+    /// for its `listening on http://ADDR` line.
+    pub fn start(envs: &[(&str, &str)]) -> Server {
+        let process = Process::spawn(&[], envs);
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        let (text, found) = process
+            .stderr
+            .wait_until(deadline, |t| parse_listen_addr(t).is_some());
+        if !found {
+            panic!(
+                "server with {envs:?} did not print `listening on http://ADDR`\n{}",
+                process.dump()
+            );
+        }
+        let addr = parse_listen_addr(&text).unwrap();
+        assert!(
+            addr.ip().is_loopback(),
+            "server listens on non-loopback {addr}"
+        );
+        Server { process, addr }
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn logs(&self) -> String {
+        self.process.stderr.text()
+    }
+
+    /// Waits (bounded) for a stderr line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> bool {
+        self.process
+            .stderr
+            .wait_until(Instant::now() + timeout, |t| t.contains(needle))
+            .1
+    }
+
+    pub fn signal(&self, sig: libc::c_int) {
+        self.process.signal(sig);
+    }
+
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        self.process.wait_exit(timeout)
+    }
+
+    /// Connects a WebSocket client and consumes (and checks) the CONNECTED
+    /// greeting.
+    pub fn client(&self) -> Client {
+        connect_ready(self.addr)
+    }
+}
+
+/// Finds `listening on http://ADDR` in `text` and parses ADDR.
+pub fn parse_listen_addr(text: &str) -> Option<SocketAddr> {
+    const NEEDLE: &str = "listening on http://";
+    for line in text.lines() {
+        if let Some(i) = line.find(NEEDLE) {
+            let rest = &line[i + NEEDLE.len()..];
+            let token: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
+                .collect();
+            let token = token.trim_end_matches(['.', ':']);
+            if let Ok(addr) = token.parse() {
+                return Some(addr);
+            }
+        }
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------
+// WebSocket client
+// ---------------------------------------------------------------------------
+
+/// Why a WebSocket connection attempt failed.
+#[derive(Debug)]
+pub enum ConnectError {
+    /// The server answered the handshake with this non-101 HTTP status.
+    Status(u16),
+    /// Anything else (refused, reset, EOF, timeout, protocol error).
+    Other(String),
+}
+
+/// A connected tungstenite client over a std `TcpStream`.
+pub struct Client {
+    pub ws: WebSocket<TcpStream>,
+    pub response: Response,
+}
+
+fn tcp_connect(addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = TcpStream::connect_timeout(&addr, TIMEOUT)?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))?;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Connects to `ws://addr/ws`, optionally with an `Origin` header. Does not
+/// read the greeting.
+pub fn try_connect(addr: SocketAddr, origin: Option<&str>) -> Result<Client, ConnectError> {
+    let stream = tcp_connect(addr).map_err(|e| ConnectError::Other(format!("tcp: {e}")))?;
+    try_connect_over(stream, addr, origin)
+}
+
+/// Performs the client handshake over an already connected stream.
+pub fn try_connect_over(
+    stream: TcpStream,
+    addr: SocketAddr,
+    origin: Option<&str>,
+) -> Result<Client, ConnectError> {
+    let uri: Uri = format!("ws://{addr}/ws").parse().unwrap();
+    let mut req = ClientRequestBuilder::new(uri);
+    if let Some(o) = origin {
+        req = req.with_header("Origin", o);
+    }
+    match tungstenite::client(req, stream) {
+        Ok((ws, response)) => Ok(Client { ws, response }),
+        Err(HandshakeError::Failure(WsError::Http(resp))) => {
+            Err(ConnectError::Status(resp.status().as_u16()))
+        }
+        Err(HandshakeError::Failure(e)) => Err(ConnectError::Other(e.to_string())),
+        Err(HandshakeError::Interrupted(_)) => {
+            Err(ConnectError::Other("handshake timed out".into()))
+        }
+    }
+}
+
+/// Connects (without Origin), panicking on failure. Does not read the
+/// greeting.
+pub fn connect(addr: SocketAddr) -> Client {
+    try_connect(addr, None).unwrap_or_else(|e| panic!("ws connect to {addr} failed: {e:?}"))
+}
+
+/// Connects and consumes the `CONNECTED` greeting.
+pub fn connect_ready(addr: SocketAddr) -> Client {
+    let mut c = connect(addr);
+    let hello = c.next_json();
+    assert_eq!(hello["message"], "CONNECTED", "unexpected greeting {hello}");
+    c
+}
+
+/// Retries `try_connect` until it succeeds or `timeout` passes; used where the
+/// server learns asynchronously that a slot became free.
+pub fn connect_eventually(addr: SocketAddr, timeout: Duration) -> Client {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match try_connect(addr, None) {
+            Ok(c) => return c,
+            Err(e) if Instant::now() >= deadline => {
+                panic!("could not connect within {timeout:?}; last error {e:?}")
+            }
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Builds an `ALIEN_LANDING` alert as the client sends it.
+pub fn alert(timestamp: u64) -> String {
+    json!({"message": "ALIEN_LANDING", "timestamp": timestamp}).to_string()
+}
+
+/// Returns the set of keys of a JSON object (panics if not an object).
+pub fn keys(v: &Value) -> BTreeSet<String> {
+    v.as_object()
+        .unwrap_or_else(|| panic!("not a JSON object: {v}"))
+        .keys()
+        .cloned()
+        .collect()
+}
+
+pub fn key_set(names: &[&str]) -> BTreeSet<String> {
+    names.iter().map(|s| s.to_string()).collect()
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+impl Client {
+    pub fn stream(&self) -> &TcpStream {
+        self.ws.get_ref()
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.stream().local_addr().unwrap()
+    }
+
+    pub fn send(&mut self, msg: Message) {
+        self.ws
+            .send(msg)
+            .unwrap_or_else(|e| panic!("ws send failed: {e}"));
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.send(Message::text(text));
+    }
+
+    pub fn send_alert(&mut self, timestamp: u64) {
+        self.send_text(&alert(timestamp));
+    }
+
+    /// Reads the next message (any kind) before `deadline`. `None` if the
+    /// deadline passed; `Some(Err)` on a connection error.
+    pub fn poll_until(&mut self, deadline: Instant) -> Option<Result<Message, WsError>> {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return None;
+        }
+        self.ws.get_ref().set_read_timeout(Some(remaining)).unwrap();
+        match self.ws.read() {
+            Err(WsError::Io(e)) if is_timeout(&e) => None,
+            other => Some(other),
+        }
+    }
+
+    /// Reads the next message (any kind) before `deadline`; `Err` on a
+    /// connection error, panics on timeout.
+    pub fn read_until(&mut self, deadline: Instant) -> Result<Message, WsError> {
+        self.poll_until(deadline)
+            .unwrap_or_else(|| panic!("timed out waiting for a WebSocket message"))
+    }
+
+    /// Reads the next text message (skipping ping/pong) and parses it as JSON.
+    pub fn next_json(&mut self) -> Value {
+        self.next_json_within(TIMEOUT)
+    }
+
+    pub fn next_json_within(&mut self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.read_until(deadline) {
+                Ok(Message::Text(t)) => {
+                    return serde_json::from_str(t.as_str())
+                        .unwrap_or_else(|e| panic!("server sent non-JSON text {t:?}: {e}"));
+                }
+                Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+                Ok(other) => panic!("expected a text message, got {other:?}"),
+                Err(e) => panic!("expected a text message, got error {e}"),
+            }
+        }
+    }
+
+    /// Reads the next message and checks it is a broadcast alert.
+    pub fn next_alert(&mut self) -> Value {
+        let v = self.next_json();
+        assert_eq!(v["message"], "ALIEN_LANDING", "expected an alert, got {v}");
+        v
+    }
+
+    /// Reads the next message and checks it is an ERROR with `code`, of the
+    /// exact shape `{"message":"ERROR","error":code,"detail":"<non-empty>"}`.
+    pub fn expect_error(&mut self, code: &str) -> Value {
+        let v = self.next_json();
+        assert_eq!(v["message"], "ERROR", "expected ERROR {code}, got {v}");
+        assert_eq!(v["error"], code, "wrong error code in {v}");
+        assert_eq!(
+            keys(&v),
+            key_set(&["message", "error", "detail"]),
+            "ERROR has wrong fields: {v}"
+        );
+        let detail = v["detail"]
+            .as_str()
+            .unwrap_or_else(|| panic!("detail not a string: {v}"));
+        assert!(!detail.trim().is_empty(), "empty detail: {v}");
+        v
+    }
+
+    /// Reads until a close frame arrives (skipping pings and text) and returns
+    /// its code. Panics if the connection ends without a close frame.
+    pub fn expect_close(&mut self) -> u16 {
+        self.expect_close_within(TIMEOUT)
+    }
+
+    pub fn expect_close_within(&mut self, timeout: Duration) -> u16 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.read_until(deadline) {
+                Ok(Message::Close(Some(CloseFrame { code, .. }))) => return code.into(),
+                Ok(Message::Close(None)) => panic!("close frame without a status code"),
+                Ok(Message::Ping(_) | Message::Pong(_) | Message::Text(_)) => continue,
+                Ok(other) => panic!("expected a close frame, got {other:?}"),
+                Err(e) => panic!("connection ended without a close frame: {e}"),
+            }
+        }
+    }
+
+    /// After a close frame was received: the server must end the connection
+    /// (EOF/reset) within `TIMEOUT`; any further data message is an error.
+    pub fn expect_disconnect(&mut self) {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            match self.poll_until(deadline) {
+                None => panic!("server did not close the connection within {TIMEOUT:?}"),
+                Some(Err(_)) => return,
+                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_))) => {}
+                Some(Ok(other)) => panic!("data after the close frame: {other:?}"),
+            }
+        }
+    }
+
+    /// Starts a normal close handshake (1000) and waits for it to complete.
+    pub fn close(mut self) {
+        let _ = self.ws.close(None);
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return;
+            }
+            self.ws.get_ref().set_read_timeout(Some(remaining)).unwrap();
+            if self.ws.read().is_err() {
+                return;
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Raw HTTP
+// ---------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    /// First value of header `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// Asserts the response carries `Connection: close`.
+    pub fn assert_connection_close(&self) {
+        let conn = self
+            .header("connection")
+            .unwrap_or_else(|| panic!("no Connection header in {self:?}"));
+        assert!(
+            conn.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("close")),
+            "Connection header is {conn:?}, expected close"
+        );
+    }
+}
+
+/// Parses a response head (`HTTP/1.1 200 OK\r\nK: V\r\n...`), without the
+/// terminating blank line.
+pub fn parse_head(head: &str) -> (u16, Vec<(String, String)>) {
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let mut parts = status_line.splitn(3, ' ');
+    let version = parts.next().unwrap_or_default();
+    assert!(
+        version.starts_with("HTTP/1."),
+        "bad status line {status_line:?}"
+    );
+    let status = parts
+        .next()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    let headers = lines
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let (k, v) = l
+                .split_once(':')
+                .unwrap_or_else(|| panic!("bad header line {l:?}"));
+            (k.trim().to_string(), v.trim().to_string())
+        })
+        .collect();
+    (status, headers)
+}
+
+/// Sends `request` verbatim and reads the response until EOF (the server
+/// closes every connection after responding).
+pub fn http_raw(addr: SocketAddr, request: &[u8]) -> HttpResponse {
+    let mut stream = tcp_connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    stream.write_all(request).expect("write request");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            // A reset after a complete response is still a response.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && !buf.is_empty() => break,
+            Err(e) if is_timeout(&e) => panic!(
+                "server did not close the connection within {TIMEOUT:?}; got so far: {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+            Err(e) => panic!("reading response: {e}"),
+        }
+    }
+    let split = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| panic!("no complete response head in {buf:?}"));
+    let head = String::from_utf8_lossy(&buf[..split]).into_owned();
+    let (status, headers) = parse_head(&head);
+    HttpResponse {
+        status,
+        headers,
+        body: buf[split + 4..].to_vec(),
+    }
+}
+
+/// `METHOD path HTTP/1.1` with a Host header and an empty body.
+pub fn http(addr: SocketAddr, method: &str, path: &str) -> HttpResponse {
+    let req = if method == "GET" || method == "HEAD" {
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n\r\n")
+    } else {
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\n\r\n")
+    };
+    http_raw(addr, req.as_bytes())
+}
+
+pub fn get(addr: SocketAddr, path: &str) -> HttpResponse {
+    http(addr, "GET", path)
+}
+
+/// Headers of a valid WebSocket upgrade request for `/ws`.
+pub fn upgrade_request(addr: SocketAddr, extra_headers: &[(&str, &str)]) -> String {
+    let mut req = format!(
+        "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+    );
+    for (k, v) in extra_headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req
+}
+
+/// Sends a WebSocket upgrade request over `stream` and reads exactly the
+/// response head (byte by byte, so no frame bytes are consumed). The
+/// returned `body` is always empty.
+pub fn raw_handshake(
+    stream: &mut TcpStream,
+    addr: SocketAddr,
+    extra_headers: &[(&str, &str)],
+) -> HttpResponse {
+    stream
+        .write_all(upgrade_request(addr, extra_headers).as_bytes())
+        .expect("write upgrade request");
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(0) => panic!(
+                "EOF inside the handshake response: {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+            Ok(_) => head.push(byte[0]),
+            Err(e) => panic!(
+                "reading handshake response: {e}; got {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    let (status, headers) = parse_head(&String::from_utf8_lossy(&head[..head.len() - 4]));
+    HttpResponse {
+        status,
+        headers,
+        body: Vec::new(),
+    }
+}
+
+/// A raw TCP connection to the server with 5 s timeouts.
+pub fn raw_connect(addr: SocketAddr) -> TcpStream {
+    tcp_connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"))
+}
+
+/// How a raw connection ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// EOF or connection reset: the server dropped us.
+    Closed,
+    /// Still open when the deadline passed.
+    StillOpen,
+}
+
+/// Reads (and discards) from `stream` until EOF/reset or `timeout`; returns
+/// how it ended and the bytes received.
+pub fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> (Ended, Vec<u8>) {
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() {
+            return (Ended::StillOpen, got);
+        }
+        stream.set_read_timeout(Some(remaining)).unwrap();
+        match stream.read(&mut chunk) {
+            Ok(0) => return (Ended::Closed, got),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if is_timeout(&e) => return (Ended::StillOpen, got),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return (Ended::Closed, got),
+        }
+    }
+}
+
+/// Half-closes nothing; fully closes a raw stream, ignoring errors.
+pub fn drop_stream(stream: TcpStream) {
+    let _ = stream.shutdown(Shutdown::Both);
+}
+
+// ---------------------------------------------------------------------------
+// Raw WebSocket frames
+// ---------------------------------------------------------------------------
+
+/// A server-to-client frame parsed from raw bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawFrame {
+    pub fin: bool,
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+/// Parses complete unmasked frames from the front of `buf`, removing them.
+pub fn parse_frames(buf: &mut Vec<u8>) -> Vec<RawFrame> {
+    let mut frames = Vec::new();
+    loop {
+        if buf.len() < 2 {
+            return frames;
+        }
+        let fin = buf[0] & 0x80 != 0;
+        let opcode = buf[0] & 0x0f;
+        let masked = buf[1] & 0x80 != 0;
+        let (len, mut pos) = match buf[1] & 0x7f {
+            126 if buf.len() >= 4 => (u64::from(u16::from_be_bytes([buf[2], buf[3]])), 4),
+            127 if buf.len() >= 10 => (u64::from_be_bytes(buf[2..10].try_into().unwrap()), 10),
+            126 | 127 => return frames,
+            n => (u64::from(n), 2),
+        };
+        let mask = if masked {
+            if buf.len() < pos + 4 {
+                return frames;
+            }
+            let m: [u8; 4] = buf[pos..pos + 4].try_into().unwrap();
+            pos += 4;
+            Some(m)
+        } else {
+            None
+        };
+        let len = usize::try_from(len).unwrap();
+        if buf.len() < pos + len {
+            return frames;
+        }
+        let mut payload = buf[pos..pos + len].to_vec();
+        if let Some(m) = mask {
+            for (i, b) in payload.iter_mut().enumerate() {
+                *b ^= m[i % 4];
+            }
+        }
+        buf.drain(..pos + len);
+        frames.push(RawFrame {
+            fin,
+            opcode,
+            payload,
+        });
+    }
+}
+
+/// Encodes a masked client-to-server frame.
+pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
+    let len = payload.len();
+    if len < 126 {
+        out.push(0x80 | len as u8);
+    } else if let Ok(l) = u16::try_from(len) {
+        out.push(0x80 | 126);
+        out.extend_from_slice(&l.to_be_bytes());
+    } else {
+        out.push(0x80 | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    out.extend_from_slice(&mask);
+    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    out
+}
