@@ -118,7 +118,15 @@ pub fn serve(id: ClientId, socket: TcpStream, already_read: Vec<u8>, ctx: &Sessi
             id,
             frame: fanout::close_frame(code, reason),
         });
-        linger(&mut ws.get_mut().socket, CLOSE_LINGER);
+        // After a whole bad message (binary, invalid UTF-8) tungstenite is
+        // still in step with the client and can see its close reply, so we
+        // close as soon as it comes. After an oversized or malformed frame
+        // it is not: the rest of that frame is still arriving, so drain it.
+        if matches!(code, CloseCode::Unsupported | CloseCode::Invalid) {
+            await_close_reply(&mut ws, CLOSE_LINGER);
+        } else {
+            linger(&mut ws.get_mut().socket, CLOSE_LINGER);
+        }
     }
     let _ = ctx.events.send(Event::Leave { id });
     crate::debug!("client {id}: disconnected");
@@ -234,6 +242,21 @@ impl Session<'_> {
                 id: self.id,
                 frames,
             });
+        }
+    }
+}
+
+/// Reads until the client answers our close frame, or `within` passes.
+fn await_close_reply(ws: &mut WebSocket<ReadHalf>, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || ws.get_ref().socket.set_read_timeout(Some(left)).is_err() {
+            return;
+        }
+        match ws.read() {
+            Ok(Message::Close(_)) | Err(_) => return,
+            Ok(_) => {}
         }
     }
 }

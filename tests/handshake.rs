@@ -20,12 +20,22 @@ fn assert_origin_allowed(server: &Server, origin: Option<&str>) {
     c.close();
 }
 
-fn assert_origin_rejected(server: &Server, origin: &str) {
-    match try_connect(server.addr, Some(origin)) {
-        Err(ConnectError::Status(403)) => {}
-        Err(other) => panic!("origin {origin:?}: expected HTTP 403, got {other:?}"),
-        Ok(_) => panic!("origin {origin:?} was allowed to upgrade, expected HTTP 403"),
+/// A WebSocket handshake (with `origin`, if any) must be refused with
+/// HTTP `status`.
+fn expect_refused(server: &Server, origin: Option<&str>, status: u16, what: &str) {
+    match try_connect(server.addr, origin) {
+        Err(ConnectError::Status(s)) if s == status => {}
+        Err(other) => panic!("{what}: expected HTTP {status}, got {other:?}"),
+        Ok(_) => panic!("{what}: upgraded to WebSocket, expected HTTP {status}"),
     }
+}
+
+fn expect_status(server: &Server, status: u16, what: &str) {
+    expect_refused(server, None, status, what);
+}
+
+fn assert_origin_rejected(server: &Server, origin: &str) {
+    expect_refused(server, Some(origin), 403, &format!("origin {origin:?}"));
 }
 
 #[test]
@@ -107,10 +117,7 @@ fn extra_client_beyond_max_connections_gets_503_until_one_leaves() {
     let mut b = connect_ready(server.addr);
 
     // Third simultaneous client: 503, no upgrade, connection closed.
-    match try_connect(server.addr, None) {
-        Err(ConnectError::Status(503)) => {}
-        other => panic!("third client: expected HTTP 503, got {:?}", other.err()),
-    }
+    expect_status(&server, 503, "third client");
     let mut stream = raw_connect(server.addr);
     let resp = raw_handshake(&mut stream, server.addr, &[]);
     assert_eq!(resp.status, 503, "{resp:?}");
@@ -138,10 +145,7 @@ fn extra_client_beyond_max_connections_gets_503_until_one_leaves() {
     assert_eq!(c.next_json()["message"], "CONNECTED");
 
     // Full again: the rejected attempts above did not leak or free slots.
-    match try_connect(server.addr, None) {
-        Err(ConnectError::Status(503)) => {}
-        other => panic!("expected HTTP 503 when full again, got {:?}", other.err()),
-    }
+    expect_status(&server, 503, "client when full again");
     c.send_alert(43);
     assert_eq!(c.next_alert()["timestamp"], 43);
     assert_eq!(b.next_alert()["timestamp"], 43);
@@ -151,10 +155,7 @@ fn extra_client_beyond_max_connections_gets_503_until_one_leaves() {
 fn abruptly_dropped_client_frees_its_slot() {
     let server = Server::start(&[("MAX_CONNECTIONS", "1")]);
     let a = connect_ready(server.addr);
-    match try_connect(server.addr, None) {
-        Err(ConnectError::Status(503)) => {}
-        other => panic!("second client: expected HTTP 503, got {:?}", other.err()),
-    }
+    expect_status(&server, 503, "second client");
     // No close handshake: just drop the TCP connection.
     drop(a);
     let mut b = connect_eventually(server.addr, TIMEOUT);

@@ -1166,8 +1166,13 @@ fn acknowledge(shared: &Shared, name: &str, body: &[u8]) -> Result<Reply, ApiErr
     };
     // Expired leases first: an ackId whose deadline passed is stale and ignored.
     sub.expire_leases(Instant::now());
-    for id in ids {
-        sub.ack(id);
+    if state.ignore_acks > 0 {
+        state.ignore_acks -= 1;
+    } else {
+        let sub = state.subscriptions.get_mut(name).expect("looked up above");
+        for id in ids {
+            sub.ack(id);
+        }
     }
     shared.notify(&mut state);
     Ok(Reply::json(200, json!({})))

@@ -11,7 +11,7 @@
 //! Error bodies of `/token` follow RFC 6749 section 5.2 as Google's endpoint sends them:
 //! `{"error": "invalid_grant", "error_description": "..."}`.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -33,7 +33,7 @@ const ACCEPTED_SCOPES: [&str; 2] = [
 ];
 const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// Google issues access tokens valid for one hour and reports 3599 s.
-const ACCESS_TOKEN_LIFETIME: u64 = 3599;
+pub(crate) const ACCESS_TOKEN_LIFETIME: u64 = 3599;
 /// Google refuses assertions meant to live longer than an hour.
 const MAX_JWT_LIFETIME: u64 = 3600;
 /// Tolerated clock difference between client and server.
@@ -290,19 +290,20 @@ pub(crate) fn token_endpoint(
         "ya29.{}",
         URL_SAFE_NO_PAD.encode(crate::keys::random_bytes::<64>())
     );
-    {
+    let lifetime = {
         let mut state = shared.lock();
-        state.access_tokens.insert(
-            token.clone(),
-            Instant::now() + Duration::from_secs(ACCESS_TOKEN_LIFETIME),
-        );
+        let lifetime = state.token_lifetime;
+        state
+            .access_tokens
+            .insert(token.clone(), Instant::now() + lifetime);
         shared.notify(&mut state);
-    }
+        lifetime
+    };
     Reply::json(
         200,
         json!({
             "access_token": token,
-            "expires_in": ACCESS_TOKEN_LIFETIME,
+            "expires_in": lifetime.as_secs(),
             "token_type": "Bearer",
         }),
     )

@@ -281,6 +281,34 @@ impl PubSubTestServer {
         self.shared.notify(&mut state);
     }
 
+    /// The next `n` acknowledge calls answer 200 but acknowledge nothing, as
+    /// when an ack is lost on the way: the messages are redelivered once their
+    /// ack deadline passes (or at once, with [`Self::expire_ack_deadlines`]).
+    pub fn ignore_next_acks(&self, n: usize) {
+        let mut state = self.shared.lock();
+        state.ignore_acks = n;
+        self.shared.notify(&mut state);
+    }
+
+    /// Ends every outstanding lease now, so unacknowledged messages are
+    /// redelivered on the next pull instead of after their ack deadline.
+    pub fn expire_ack_deadlines(&self) {
+        let mut state = self.shared.lock();
+        let far_future = Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        for sub in state.subscriptions.values_mut() {
+            sub.expire_leases(far_future);
+        }
+        self.shared.notify(&mut state);
+    }
+
+    /// Access tokens issued from now on live `d` (and `/token` says so in
+    /// `expires_in`), to test renewal ahead of expiry without waiting an hour.
+    pub fn set_access_token_lifetime(&self, d: Duration) {
+        let mut state = self.shared.lock();
+        state.token_lifetime = d;
+        self.shared.notify(&mut state);
+    }
+
     /// Full names of all topics, sorted.
     pub fn topics(&self) -> Vec<String> {
         self.shared.lock().topics.keys().cloned().collect()

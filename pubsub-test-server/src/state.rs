@@ -241,6 +241,10 @@ pub(crate) struct State {
     pub(crate) revoked_jwts: HashSet<String>,
     /// Self-signed JWTs with an `iat` (Unix seconds) before this are refused.
     pub(crate) jwt_not_before: u64,
+    /// Acknowledge calls still to be answered 200 but ignored (a lost ack).
+    pub(crate) ignore_acks: usize,
+    /// Lifetime of access tokens issued from now on (Google's: 3599 s).
+    pub(crate) token_lifetime: Duration,
 }
 
 impl State {
@@ -258,6 +262,8 @@ impl State {
             fail_next: 0,
             fail_status: 503,
             delay: Duration::ZERO,
+            ignore_acks: 0,
+            token_lifetime: Duration::from_secs(crate::auth::ACCESS_TOKEN_LIFETIME),
             requests: Vec::new(),
             access_tokens: HashMap::new(),
             seen_jwts: HashSet::new(),

@@ -46,6 +46,9 @@ const DELETE_TIMEOUT: Duration = Duration::from_secs(2);
 /// An empty pull answered faster than this did not wait (some emulators
 /// never do): back off before the next, or the puller would spin.
 const EMPTY_PULL_FAST: Duration = Duration::from_millis(500);
+/// How often an idle puller checks that its subscription is still attached
+/// to the topic (one GET per instance per interval).
+const SUBSCRIPTION_CHECK: Duration = Duration::from_secs(60);
 /// Message ids remembered for deduplication of redeliveries.
 const RECENT_IDS: usize = 10_000;
 
@@ -66,6 +69,17 @@ pub struct PubSubBroker {
     ready: Arc<AtomicBool>,
     stop: Sender<Instant>,
     publisher_done: Receiver<()>,
+    puller: Arc<PullerState>,
+    puller_done: Receiver<()>,
+}
+
+/// What shutdown and the puller share, so a shutdown never races the
+/// puller re-creating the subscription it is deleting.
+#[derive(Default)]
+struct PullerState {
+    stopping: AtomicBool,
+    /// The puller is creating the topic or subscription.
+    setting_up: AtomicBool,
 }
 
 impl PubSubBroker {
@@ -80,6 +94,8 @@ impl PubSubBroker {
         let (queue_tx, queue_rx) = bounded(PUBLISH_QUEUE);
         let (stop_tx, stop_rx) = bounded(1);
         let (done_tx, done_rx) = bounded(1);
+        let (puller_done_tx, puller_done_rx) = bounded(1);
+        let puller_state = Arc::new(PullerState::default());
         let ready = Arc::new(AtomicBool::new(false));
         std::thread::Builder::new()
             .name("pubsub-publisher".into())
@@ -94,7 +110,11 @@ impl PubSubBroker {
             .name("pubsub-puller".into())
             .spawn({
                 let (api, ready) = (Arc::clone(&api), Arc::clone(&ready));
-                move || puller(&api, &deliveries, &ready)
+                let state = Arc::clone(&puller_state);
+                move || {
+                    puller(&api, &deliveries, &ready, &state);
+                    let _ = puller_done_tx.send(());
+                }
             })?;
         Ok(PubSubBroker {
             queue: queue_tx,
@@ -102,6 +122,8 @@ impl PubSubBroker {
             ready,
             stop: stop_tx,
             publisher_done: done_rx,
+            puller: puller_state,
+            puller_done: puller_done_rx,
         })
     }
 }
@@ -128,6 +150,13 @@ impl Broker for PubSubBroker {
         let publish_deadline = deadline.checked_sub(DELETE_TIMEOUT).unwrap_or(deadline);
         let _ = self.stop.try_send(publish_deadline);
         let _ = self.publisher_done.recv_deadline(publish_deadline);
+        // SeqCst on both flags: either the puller sees `stopping` before it
+        // creates anything, or we see it `setting_up` and let its create
+        // finish first, so our delete is the last word.
+        self.puller.stopping.store(true, Ordering::SeqCst);
+        if self.puller.setting_up.load(Ordering::SeqCst) {
+            let _ = self.puller_done.recv_deadline(publish_deadline);
+        }
         match self.api.delete_subscription() {
             Ok(()) => crate::info!("deleted subscription {}", self.api.subscription),
             Err(err) => crate::warn!(
@@ -193,9 +222,17 @@ fn publish_with_retry(
         };
         match err.status() {
             Some(404) => {
+                // Someone deleted the topic. Recreate it, and reattach this
+                // instance's subscription (Pub/Sub detaches subscriptions of a
+                // deleted topic) before publishing again, so this instance's
+                // clients get the alert. Other instances reattach theirs within
+                // SUBSCRIPTION_CHECK; alerts in between miss them.
                 crate::warn!("topic {} is missing; creating it", api.topic);
-                if let Err(err) = api.create_topic() {
-                    crate::warn!("cannot create topic {}: {err}", api.topic);
+                if let Err(err) = api
+                    .create_topic()
+                    .and_then(|()| api.reattach_subscription())
+                {
+                    crate::warn!("cannot recreate topic {}: {err}", api.topic);
                 }
             }
             Some(400) => {
@@ -226,14 +263,24 @@ fn publish_with_retry(
     }
 }
 
-fn puller(api: &Api, deliveries: &Sender<Alert>, ready: &AtomicBool) {
+fn puller(api: &Api, deliveries: &Sender<Alert>, ready: &AtomicBool, state: &PullerState) {
     let mut recent = RecentIds::new(RECENT_IDS);
     let mut errors = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
     let mut empty = Backoff::new(Duration::from_millis(50), EMPTY_PULL_FAST);
     let mut subscribed = false;
+    let mut last_check = Instant::now();
     loop {
         if !subscribed {
-            match api.create_topic().and_then(|()| api.create_subscription()) {
+            state.setting_up.store(true, Ordering::SeqCst);
+            if state.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let created = api.create_topic().and_then(|()| api.create_subscription());
+            state.setting_up.store(false, Ordering::SeqCst);
+            if state.stopping.load(Ordering::SeqCst) {
+                return; // shutdown deletes the subscription after we return
+            }
+            match created {
                 Ok(()) => {
                     crate::info!("subscribed to {} as {}", api.topic, api.subscription);
                     subscribed = true;
@@ -252,6 +299,14 @@ fn puller(api: &Api, deliveries: &Sender<Alert>, ready: &AtomicBool) {
             Ok(received) if received.is_empty() => {
                 if started.elapsed() < EMPTY_PULL_FAST {
                     std::thread::sleep(empty.next());
+                }
+                // A quiet subscription may be one detached from a deleted and
+                // recreated topic: look, once in a while.
+                if last_check.elapsed() >= SUBSCRIPTION_CHECK {
+                    last_check = Instant::now();
+                    if let Err(err) = api.reattach_subscription() {
+                        crate::warn!("cannot check subscription {}: {err}", api.subscription);
+                    }
                 }
             }
             Ok(received) => {
@@ -274,6 +329,7 @@ fn puller(api: &Api, deliveries: &Sender<Alert>, ready: &AtomicBool) {
                     crate::warn!("acknowledge failed: {err}");
                 }
             }
+            Err(_) if state.stopping.load(Ordering::SeqCst) => return,
             Err(err) if err.status() == Some(404) => {
                 ready.store(false, Ordering::SeqCst);
                 crate::warn!("subscription {} is gone; recreating it", api.subscription);
@@ -387,6 +443,29 @@ impl Api {
         match self.call(&self.calls, "PUT", &self.subscription, Some(body)) {
             Err(err) if err.status() == Some(409) => Ok(()),
             other => other.map(drop),
+        }
+    }
+
+    /// Makes sure this instance's subscription exists and receives from the
+    /// topic: one whose topic was deleted shows `_deleted-topic_` and gets
+    /// nothing ever again, so it is replaced.
+    fn reattach_subscription(&self) -> Result<(), ApiError> {
+        match self.call(&self.calls, "GET", &self.subscription, None) {
+            Ok(found) if found["topic"].as_str() == Some(self.topic.as_str()) => Ok(()),
+            Ok(found) => {
+                crate::warn!(
+                    "subscription {} is attached to {}; replacing it",
+                    self.subscription,
+                    found["topic"]
+                );
+                match self.call(&self.calls, "DELETE", &self.subscription, None) {
+                    Err(err) if err.status() != Some(404) => return Err(err),
+                    _ => {}
+                }
+                self.create_subscription()
+            }
+            Err(err) if err.status() == Some(404) => self.create_subscription(),
+            Err(err) => Err(err),
         }
     }
 

@@ -10,7 +10,8 @@
 
 use std::collections::BTreeSet;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
@@ -129,7 +130,16 @@ impl Process {
     /// Starts the binary with `args` and an environment made only of PATH,
     /// HOST=127.0.0.1, PORT=0 and then `envs` (which may override HOST/PORT).
     pub fn spawn(args: &[&str], envs: &[(&str, &str)]) -> Process {
+        Process::spawn_in(args, envs, None)
+    }
+
+    /// Like [`Process::spawn`], with the child's working directory set to
+    /// `cwd` when given (otherwise inherited from the test).
+    pub fn spawn_in(args: &[&str], envs: &[(&str, &str)], cwd: Option<&Path>) -> Process {
         let mut cmd = Command::new(BIN);
+        if let Some(dir) = cwd {
+            cmd.current_dir(dir);
+        }
         cmd.args(args)
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
@@ -226,7 +236,13 @@ pub struct Finished {
 /// Runs the binary until it exits (at most `TIMEOUT`); panics if it keeps
 /// running (which a server with bad configuration would do).
 pub fn run_to_exit(args: &[&str], envs: &[(&str, &str)]) -> Finished {
-    let mut p = Process::spawn(args, envs);
+    run_to_exit_in(args, envs, None)
+}
+
+/// Like [`run_to_exit`], with the child's working directory set to `cwd`
+/// when given.
+pub fn run_to_exit_in(args: &[&str], envs: &[(&str, &str)], cwd: Option<&Path>) -> Finished {
+    let mut p = Process::spawn_in(args, envs, cwd);
     let status = p.wait_exit(TIMEOUT).unwrap_or_else(|| {
         panic!(
             "`skywatch {}` with {envs:?} still running after {TIMEOUT:?}\n{}",
@@ -259,7 +275,13 @@ impl Server {
     /// Starts the server with HOST=127.0.0.1 PORT=0 plus `envs`, and waits
     /// for its `listening on http://ADDR` line.
     pub fn start(envs: &[(&str, &str)]) -> Server {
-        let process = Process::spawn(&[], envs);
+        Server::start_in(envs, None)
+    }
+
+    /// Like [`Server::start`], with the child's working directory set to
+    /// `cwd` when given.
+    pub fn start_in(envs: &[(&str, &str)], cwd: Option<&Path>) -> Server {
+        let process = Process::spawn_in(&[], envs, cwd);
         let deadline = Instant::now() + STARTUP_TIMEOUT;
         let (text, found) = process
             .stderr
@@ -773,11 +795,6 @@ pub fn read_until_closed(stream: &mut TcpStream, timeout: Duration) -> (Ended, V
     }
 }
 
-/// Half-closes nothing; fully closes a raw stream, ignoring errors.
-pub fn drop_stream(stream: TcpStream) {
-    let _ = stream.shutdown(Shutdown::Both);
-}
-
 // ---------------------------------------------------------------------------
 // Raw WebSocket frames
 // ---------------------------------------------------------------------------
@@ -835,21 +852,45 @@ pub fn parse_frames(buf: &mut Vec<u8>) -> Vec<RawFrame> {
     }
 }
 
-/// Encodes a masked client-to-server frame.
-pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = vec![if fin { 0x80 } else { 0 } | opcode];
-    let len = payload.len();
-    if len < 126 {
-        out.push(0x80 | len as u8);
-    } else if let Ok(l) = u16::try_from(len) {
-        out.push(0x80 | 126);
-        out.extend_from_slice(&l.to_be_bytes());
-    } else {
-        out.push(0x80 | 127);
-        out.extend_from_slice(&(len as u64).to_be_bytes());
+// ---------------------------------------------------------------------------
+// Scratch directories
+// ---------------------------------------------------------------------------
+
+/// A fresh directory under the system temp dir, removed (with its contents)
+/// on drop. Used for key files and as a child's working directory.
+pub struct TempDir {
+    path: PathBuf,
+}
+
+impl TempDir {
+    /// Creates `<tmp>/skywatch-test-<label>-<pid>-<n>`.
+    pub fn new(label: &str) -> TempDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let n = NEXT.fetch_add(1, Ordering::SeqCst);
+        let path =
+            std::env::temp_dir().join(format!("skywatch-test-{label}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+        TempDir { path }
     }
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    out.extend_from_slice(&mask);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    out
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `contents` to `name` inside the directory; returns its path.
+    pub fn write(&self, name: &str, contents: &str) -> PathBuf {
+        let file = self.path.join(name);
+        std::fs::write(&file, contents)
+            .unwrap_or_else(|e| panic!("cannot write {}: {e}", file.display()));
+        file
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.path);
+    }
 }
