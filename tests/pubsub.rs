@@ -15,6 +15,7 @@ use pubsub_test_server::{
 };
 use serde_json::{Value, json};
 use support::{Client, Finished, Server, TempDir, get, key_set, keys, run_to_exit};
+use tungstenite::{Error as WsError, Message};
 
 const PROJECT: &str = "skywatch-test";
 const TOPIC: &str = "projects/skywatch-test/topics/ALIEN_NOTIFICATIONS";
@@ -111,7 +112,8 @@ fn expect_alert(
     region: &str,
     sender: &str,
 ) -> String {
-    let v = c.next_json_within(within);
+    let v = next_json(c, within)
+        .unwrap_or_else(|| panic!("no message within {within:?}; expected alert {timestamp}"));
     assert_eq!(
         v["message"], "ALIEN_LANDING",
         "expected alert {timestamp}, got {v}"
@@ -129,6 +131,26 @@ fn expect_alert(
         .unwrap_or_else(|| panic!("id not a string: {v}"));
     assert!(!id.is_empty(), "empty id: {v}");
     id.to_string()
+}
+
+/// The next text message as JSON, or None after `within`. Skips pings and
+/// pongs, and retries a read interrupted by a signal (a socket read with a
+/// timeout fails with EINTR even under SA_RESTART); panics on anything else.
+fn next_json(c: &mut Client, within: Duration) -> Option<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        match c.poll_until(deadline)? {
+            Ok(Message::Text(t)) => {
+                return Some(
+                    serde_json::from_str(t.as_str())
+                        .unwrap_or_else(|e| panic!("server sent non-JSON text {t:?}: {e}")),
+                );
+            }
+            Ok(Message::Ping(_) | Message::Pong(_)) => {}
+            Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
 }
 
 fn count(ts: &PubSubTestServer, pred: impl Fn(&RequestRecord) -> bool) -> usize {
@@ -872,14 +894,13 @@ fn deleted_topic_is_recreated_and_alerts_still_arrive() {
     );
     // ...and the alert reaches this instance's clients. (A subscription of a
     // deleted topic is detached for good: it must be replaced.)
-    match c.poll_until(Instant::now() + DELIVERY_TIMEOUT) {
-        Some(Ok(tungstenite::Message::Text(t))) => {
-            let v: Value = serde_json::from_str(t.as_str()).expect("JSON");
+    match next_json(&mut c, DELIVERY_TIMEOUT) {
+        Some(v) => {
             assert_eq!(v["message"], "ALIEN_LANDING", "{v}");
             assert_eq!(v["timestamp"], 41, "{v}");
         }
-        other => panic!(
-            "alert not delivered after the topic was deleted and recreated ({other:?}); \
+        None => panic!(
+            "alert not delivered after the topic was deleted and recreated; \
              the subscription is {}\nrequests {:#?}\n{}",
             ts.subscription(&sub).unwrap_or(Value::Null),
             ts.requests(),
@@ -899,14 +920,8 @@ fn alert_sent_while_pubsub_fails_is_delivered_later() {
     let mut c = server.client();
     c.send_alert(51);
     // Accepted (no ERROR reply) and delivered once the failures run out.
-    let v = c.next_json_within(Duration::from_secs(9));
-    assert_eq!(
-        v["message"],
-        "ALIEN_LANDING",
-        "expected the alert, got {v}\nrequests {:#?}\n{}",
-        ts.requests(),
-        server.logs()
-    );
+    let v = next_text_or_explain(&mut c, Duration::from_secs(9), &ts, &server);
+    assert_eq!(v["message"], "ALIEN_LANDING", "expected the alert, got {v}");
     assert_eq!(v["timestamp"], 51, "{v}");
     assert!(
         ts.wait_for(DELIVERY_TIMEOUT, |s| {
@@ -916,6 +931,43 @@ fn alert_sent_while_pubsub_fails_is_delivered_later() {
         ts.requests()
     );
     assert_eq!(readyz(&server), 200);
+}
+
+#[test]
+fn alert_sent_before_the_subscription_exists_is_not_lost() {
+    let ts = test_server(Options::default());
+    // The topic exists, as it does whenever other instances run.
+    let rest = Rest::new(&ts);
+    let (status, answer) = rest.call(&ts, "PUT", TOPIC, &json!({}));
+    assert_eq!(status, 200, "cannot create the topic: {answer}");
+    // Pub/Sub is slow (every call takes 500 ms) while the instance starts:
+    // its subscription takes two calls (topic, subscription), a publish one.
+    ts.set_delay(Duration::from_millis(500));
+    let server = start_emulated(&ts, "ffff6664", "ams");
+    let mut c = server.client();
+    c.send_alert(52);
+    // The sender's own clients get the alert they were not told was refused.
+    let v = next_text_or_explain(&mut c, Duration::from_secs(8), &ts, &server);
+    assert_eq!(v["message"], "ALIEN_LANDING", "expected the alert, got {v}");
+    assert_eq!(v["timestamp"], 52, "{v}");
+}
+
+/// The next text message as JSON, or a panic showing what Pub/Sub saw.
+fn next_text_or_explain(
+    c: &mut Client,
+    within: Duration,
+    ts: &PubSubTestServer,
+    server: &Server,
+) -> Value {
+    next_json(c, within).unwrap_or_else(|| {
+        panic!(
+            "no message within {within:?}; published {:?}; subscriptions {:?}\nrequests {:#?}\n{}",
+            published_json(ts, TOPIC),
+            ts.subscriptions(),
+            ts.requests(),
+            server.logs()
+        )
+    })
 }
 
 // ---------------------------------------------------------------------------

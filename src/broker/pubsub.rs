@@ -96,13 +96,15 @@ impl PubSubBroker {
         let (done_tx, done_rx) = bounded(1);
         let (puller_done_tx, puller_done_rx) = bounded(1);
         let puller_state = Arc::new(PullerState::default());
+        // Closed (never sent on) once the subscription first exists.
+        let (subscribed_tx, subscribed_rx) = bounded::<()>(0);
         let ready = Arc::new(AtomicBool::new(false));
         std::thread::Builder::new()
             .name("pubsub-publisher".into())
             .spawn({
                 let api = Arc::clone(&api);
                 move || {
-                    publisher(&api, &queue_rx, &stop_rx);
+                    publisher(&api, &queue_rx, &stop_rx, &subscribed_rx);
                     let _ = done_tx.send(());
                 }
             })?;
@@ -112,7 +114,7 @@ impl PubSubBroker {
                 let (api, ready) = (Arc::clone(&api), Arc::clone(&ready));
                 let state = Arc::clone(&puller_state);
                 move || {
-                    puller(&api, &deliveries, &ready, &state);
+                    puller(&api, &deliveries, &ready, &state, subscribed_tx);
                     let _ = puller_done_tx.send(());
                 }
             })?;
@@ -167,8 +169,19 @@ impl Broker for PubSubBroker {
     }
 }
 
-fn publisher(api: &Api, queue: &Receiver<Alert>, stop: &Receiver<Instant>) {
+fn publisher(
+    api: &Api,
+    queue: &Receiver<Alert>,
+    stop: &Receiver<Instant>,
+    subscribed: &Receiver<()>,
+) {
     let mut deadline: Option<Instant> = None;
+    // A message published before this instance's subscription exists never
+    // reaches this instance's clients: hold alerts (in the queue) until then.
+    crossbeam_channel::select! {
+        recv(subscribed) -> _ => {}
+        recv(stop) -> at => deadline = Some(at.unwrap_or_else(|_| Instant::now())),
+    }
     let mut batch = Vec::with_capacity(MAX_BATCH);
     loop {
         if deadline.is_none() {
@@ -263,9 +276,16 @@ fn publish_with_retry(
     }
 }
 
-fn puller(api: &Api, deliveries: &Sender<Alert>, ready: &AtomicBool, state: &PullerState) {
+fn puller(
+    api: &Api,
+    deliveries: &Sender<Alert>,
+    ready: &AtomicBool,
+    state: &PullerState,
+    subscribed_signal: Sender<()>,
+) {
+    let mut subscribed_signal = Some(subscribed_signal);
     let mut recent = RecentIds::new(RECENT_IDS);
-    let mut errors = Backoff::new(Duration::from_millis(200), Duration::from_secs(30));
+    let mut errors = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut empty = Backoff::new(Duration::from_millis(50), EMPTY_PULL_FAST);
     let mut subscribed = false;
     let mut last_check = Instant::now();
@@ -284,6 +304,7 @@ fn puller(api: &Api, deliveries: &Sender<Alert>, ready: &AtomicBool, state: &Pul
                 Ok(()) => {
                     crate::info!("subscribed to {} as {}", api.topic, api.subscription);
                     subscribed = true;
+                    drop(subscribed_signal.take()); // lets the publisher start
                     errors.reset();
                 }
                 Err(err) => {
