@@ -227,11 +227,11 @@ fn published_json(ts: &PubSubTestServer, topic: &str) -> Vec<Value> {
 }
 
 // ---------------------------------------------------------------------------
-// 1. Two instances joined by one topic
+// 1. Three instances joined by one topic
 // ---------------------------------------------------------------------------
 
 #[test]
-fn alert_reaches_clients_of_both_instances_exactly_once() {
+fn alert_reaches_every_client_of_three_instances_exactly_once() {
     let ts = test_server(Options::default());
     // An observer subscription of our own, to see the messages as published.
     // Made first: the instances must cope with a topic that already exists,
@@ -261,45 +261,49 @@ fn alert_reaches_clients_of_both_instances_exactly_once() {
     let b = start(&b_env);
     wait_subscribed(&ts, &b, &subscription("bbbb2222"));
     assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 2));
+    let c = start_emulated(&ts, "cccc3333", "sin");
+    wait_subscribed(&ts, &c, &subscription("cccc3333"));
+    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 3));
 
-    let mut on_a = a.client();
-    let mut on_b = b.client();
-    on_a.send_alert(1_700_000_000_001);
-    let id_a = expect_alert(
-        &mut on_a,
-        DELIVERY_TIMEOUT,
-        1_700_000_000_001,
-        "ams",
-        "aaaa1111",
-    );
-    let id_b = expect_alert(
-        &mut on_b,
-        DELIVERY_TIMEOUT,
-        1_700_000_000_001,
-        "ams",
-        "aaaa1111",
-    );
-    assert_eq!(id_a, id_b, "the two instances delivered different alerts");
+    // Two clients on each instance; the first client of A is the sender.
+    let mut clients: Vec<(String, Client)> = Vec::new();
+    for (name, server) in [("A", &a), ("B", &b), ("C", &c)] {
+        for n in 1..=2 {
+            clients.push((format!("{name}{n}"), server.client()));
+        }
+    }
 
-    // Exactly once: the next message either client gets is the second alert,
-    // not a second copy of the first.
-    on_a.send_alert(1_700_000_000_002);
-    let second_a = expect_alert(
-        &mut on_a,
-        DELIVERY_TIMEOUT,
-        1_700_000_000_002,
-        "ams",
-        "aaaa1111",
-    );
-    let second_b = expect_alert(
-        &mut on_b,
-        DELIVERY_TIMEOUT,
-        1_700_000_000_002,
-        "ams",
-        "aaaa1111",
-    );
-    assert_eq!(second_a, second_b);
-    assert_ne!(second_a, id_a, "two alerts share an id");
+    // Every client gets each alert exactly once: the next message any client
+    // reads after the first alert is the second alert, not a second copy.
+    let mut ids = Vec::new();
+    for timestamp in [1_700_000_000_001u64, 1_700_000_000_002] {
+        clients[0].1.send_alert(timestamp);
+        let mut seen = Vec::new();
+        for (label, client) in &mut clients {
+            let v = next_json(client, DELIVERY_TIMEOUT)
+                .unwrap_or_else(|| panic!("client {label} got no alert {timestamp}"));
+            assert_eq!(v["message"], "ALIEN_LANDING", "{label}: {v}");
+            assert_eq!(keys(&v), key_set(ALERT_FIELDS), "{label}: {v}");
+            assert_eq!(v["timestamp"].as_u64(), Some(timestamp), "{label}: {v}");
+            assert_eq!(v["regionCode"], "ams", "{label}: A's region expected: {v}");
+            assert_eq!(v["sender"], "aaaa1111", "{label}: A's id expected: {v}");
+            seen.push(v["id"].as_str().unwrap_or_default().to_owned());
+        }
+        assert!(!seen[0].is_empty(), "alert without an id");
+        assert!(
+            seen.iter().all(|id| *id == seen[0]),
+            "clients saw different ids for one alert: {seen:?}"
+        );
+        ids.push(seen.swap_remove(0));
+    }
+    assert_ne!(ids[0], ids[1], "two alerts share an id");
+    // And nothing more arrives: no late duplicate from any instance.
+    for (label, client) in &mut clients {
+        if let Some(extra) = next_json(client, Duration::from_millis(300)) {
+            panic!("client {label} got an extra message: {extra}");
+        }
+    }
+    let (id_a, second_a) = (ids[0].clone(), ids[1].clone());
 
     // On the topic: each alert published once, as base64 JSON of
     // {timestamp, regionCode, sender, id}.
@@ -343,9 +347,11 @@ fn alert_reaches_clients_of_both_instances_exactly_once() {
         assert_eq!(data["sender"], "aaaa1111", "{data}");
     }
 
-    // Both instances acknowledged what they received.
+    // Every instance acknowledged what it received.
     let acked = ts.wait_for(DELIVERY_TIMEOUT, |s| {
-        s.unacked(&subscription("aaaa1111")) == 0 && s.unacked(&subscription("bbbb2222")) == 0
+        ["aaaa1111", "bbbb2222", "cccc3333"]
+            .iter()
+            .all(|alloc| s.unacked(&subscription(alloc)) == 0)
     });
     assert!(acked, "messages left unacknowledged: {:#?}", ts.requests());
 }
@@ -586,6 +592,86 @@ fn key_file_tokens_are_cached_and_refreshed_after_a_401() {
     );
     assert_no_key_material(&key, &server.logs());
     assert_no_key_material(&key, &server.process.stdout.text());
+}
+
+/// The claims of every JWT the client signed, checked one by one against
+/// Google's rules for the JWT-bearer grant: RS256 with the key's id, our
+/// account as the issuer, the token endpoint as the audience, the Pub/Sub
+/// scope, issued now and living at most an hour.
+fn assert_jwt_claims(ts: &PubSubTestServer, key: &TestKey) {
+    let jwts = ts.verified_jwts();
+    assert!(!jwts.is_empty(), "the client signed no JWT");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
+    for jwt in &jwts {
+        let (header, claims) = (&jwt.header, &jwt.claims);
+        assert_eq!(header["alg"], "RS256", "{header}");
+        assert_eq!(header["typ"], "JWT", "{header}");
+        assert_eq!(header["kid"], key.private_key_id.as_str(), "{header}");
+        assert_eq!(claims["iss"], EMAIL, "{claims}");
+        assert_eq!(claims["aud"], ts.token_uri().as_str(), "{claims}");
+        let scopes = claims["scope"].as_str().unwrap_or_default();
+        assert!(
+            scopes
+                .split(' ')
+                .any(|s| s == "https://www.googleapis.com/auth/pubsub"),
+            "no Pub/Sub scope: {claims}"
+        );
+        let iat = claims["iat"].as_u64().expect("iat is a number");
+        let exp = claims["exp"].as_u64().expect("exp is a number");
+        assert!(
+            exp > iat && exp - iat <= 3600,
+            "lifetime over 1 h: {claims}"
+        );
+        assert!(iat.abs_diff(now) <= 60, "iat {iat} is not now ({now})");
+    }
+}
+
+#[test]
+fn tokens_are_renewed_ahead_of_expiry_and_claim_what_google_requires() {
+    let key = key();
+    // Pulls come back every second, so the client makes calls often enough
+    // to meet the renewal point of short-lived tokens.
+    let ts = test_server(Options {
+        auth: Auth::Verify {
+            public_key_pem: key.public_key_pem.clone(),
+            client_email: EMAIL.into(),
+        },
+        max_pull_hold: Duration::from_secs(1),
+        ..Default::default()
+    });
+    // Google's tokens live an hour and are renewed 5 minutes ahead; these
+    // live 4 s, so the client renews them half-way, after 2 s.
+    ts.set_access_token_lifetime(Duration::from_secs(4));
+    let mut env = auth_env(&ts, "aaaa1117");
+    env.push((
+        "GOOGLE_SERVICE_ACCOUNT_JSON".into(),
+        service_account_json(&key, PROJECT, EMAIL, &ts.token_uri()),
+    ));
+    let server = start(&env);
+    wait_subscribed(&ts, &server, &subscription("aaaa1117"));
+
+    // Three renewals, each taken before the token in hand expired: the
+    // server refuses an expired token with 401, and none was refused.
+    let renewed = ts.wait_for(Duration::from_secs(20), |s| {
+        s.requests().iter().filter(|r| is_token(r)).count() >= 4
+    });
+    assert!(renewed, "tokens not renewed: {:#?}", ts.requests());
+    let mut c = server.client();
+    c.send_alert(7);
+    expect_alert(&mut c, DELIVERY_TIMEOUT, 7, "ams", "aaaa1117");
+    assert_all_authorized(&ts, &server.logs());
+    // Reused, not minted per request.
+    let (tokens, calls) = (count(&ts, is_token), count(&ts, is_v1));
+    assert!(
+        calls >= 2 * tokens,
+        "{tokens} tokens for {calls} calls: {:#?}",
+        ts.requests()
+    );
+    assert_jwt_claims(&ts, &key);
+    assert_no_key_material(&key, &server.logs());
 }
 
 #[test]
@@ -931,6 +1017,85 @@ fn alert_sent_while_pubsub_fails_is_delivered_later() {
         ts.requests()
     );
     assert_eq!(readyz(&server), 200);
+}
+
+#[test]
+fn alerts_sent_during_a_ten_second_outage_arrive_once_afterwards() {
+    let ts = test_server(Options::default());
+    let a = start_emulated(&ts, "ffff6665", "ams");
+    let b = start_emulated(&ts, "ffff6666", "syd");
+    wait_subscribed(&ts, &a, &subscription("ffff6665"));
+    wait_subscribed(&ts, &b, &subscription("ffff6666"));
+    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 2));
+    let mut on_a = a.client();
+    let mut on_b = b.client();
+
+    // Pub/Sub answers every call with 503 for 10 s, held pulls included.
+    const OUTAGE: Duration = Duration::from_secs(10);
+    let outage_start = Instant::now();
+    ts.fail_for(OUTAGE, 503);
+    // Alerts early in the outage, and more once the publisher has met it
+    // (its first attempts failed) and is backing off.
+    for t in 61..=63 {
+        on_a.send_alert(t);
+    }
+    let met = ts.wait_for(OUTAGE, |s| {
+        s.requests()
+            .iter()
+            .filter(|r| r.path.ends_with(":publish") && r.status == 503)
+            .count()
+            >= 2
+    });
+    assert!(
+        met,
+        "the publisher never met the outage: {:#?}",
+        ts.requests()
+    );
+    for t in 64..=65 {
+        on_a.send_alert(t);
+    }
+    assert!(
+        outage_start.elapsed() < OUTAGE,
+        "the alerts were not all sent during the outage"
+    );
+
+    // Afterwards both instances' clients get each alert exactly once.
+    let within = OUTAGE + Duration::from_secs(20);
+    for (label, client) in [("A", &mut on_a), ("B", &mut on_b)] {
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let Some(v) = next_json(client, within) else {
+                panic!(
+                    "client of {label} got only {got:?}\nrequests {:#?}\nA: {}\nB: {}",
+                    ts.requests(),
+                    a.logs(),
+                    b.logs()
+                );
+            };
+            assert_eq!(v["message"], "ALIEN_LANDING", "{label}: {v}");
+            got.push(v["timestamp"].as_u64().unwrap_or_default());
+        }
+        got.sort_unstable();
+        assert_eq!(got, vec![61, 62, 63, 64, 65], "client of {label}");
+    }
+    assert!(
+        outage_start.elapsed() >= OUTAGE,
+        "delivered before the outage ended: the knob did not bite"
+    );
+    // Nothing twice: one copy of each on the topic, and no late duplicate.
+    let mut published: Vec<u64> = published_json(&ts, TOPIC)
+        .iter()
+        .map(|m| m["timestamp"].as_u64().unwrap_or_default())
+        .collect();
+    published.sort_unstable();
+    assert_eq!(published, vec![61, 62, 63, 64, 65], "published");
+    for (label, client) in [("A", &mut on_a), ("B", &mut on_b)] {
+        if let Some(extra) = next_json(client, Duration::from_millis(500)) {
+            panic!("client of {label} got a second copy: {extra}");
+        }
+    }
+    assert_eq!(readyz(&a), 200);
+    assert_eq!(readyz(&b), 200);
 }
 
 #[test]

@@ -320,6 +320,9 @@ fn pause(shared: &Shared) {
 
 fn injected_failure(shared: &Shared) -> Option<ApiError> {
     let mut state = shared.lock();
+    if let Some(status) = state.outage_at(Instant::now()) {
+        return Some(ApiError::injected(status));
+    }
     if state.fail_next == 0 {
         return None;
     }
@@ -1108,6 +1111,13 @@ fn pull(shared: &Shared, name: &str, body: &[u8]) -> Result<Reply, ApiError> {
             break Err(ApiError::not_found(short(name)));
         };
         sub.expire_leases(now);
+        // A pull held when an outage begins fails like every other call.
+        if let Some(status) = state.outage_at(now) {
+            break Err(ApiError::injected(status));
+        }
+        let Some(sub) = state.subscriptions.get_mut(name).filter(|s| s.uid == uid) else {
+            break Err(ApiError::not_found(short(name)));
+        };
         if sub.has_deliverable() {
             let received = sub.deliver(max, now, nonce);
             break Ok(Reply::json(200, json!({ "receivedMessages": received })));

@@ -182,8 +182,26 @@ pub(crate) fn check_bearer(shared: &Shared, headers: &[(String, String)]) -> Bea
     if state.revoked_jwts.contains(token) || claims.iat < state.jwt_not_before {
         return Bearer::Invalid("the self-signed JWT was revoked".into());
     }
-    state.seen_jwts.insert(token.to_owned());
+    if state.seen_jwts.insert(token.to_owned()) {
+        record_jwt(&mut state, token);
+    }
     Bearer::Valid
+}
+
+/// Keeps the decoded header and claims of a JWT that passed verification, so
+/// tests can check what the client put in it ([`crate::PubSubTestServer::verified_jwts`]).
+fn record_jwt(state: &mut crate::state::State, token: &str) {
+    let decode = |part: Option<&str>| {
+        part.and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let mut parts = token.split('.');
+    let header = decode(parts.next());
+    let claims = decode(parts.next());
+    state
+        .verified_jwts
+        .push(crate::VerifiedJwt { header, claims });
 }
 
 /// `POST /token`: the OAuth 2.0 JWT-bearer grant.
@@ -292,6 +310,7 @@ pub(crate) fn token_endpoint(
     );
     let lifetime = {
         let mut state = shared.lock();
+        record_jwt(&mut state, assertion);
         let lifetime = state.token_lifetime;
         state
             .access_tokens

@@ -124,6 +124,17 @@ pub struct RequestRecord {
     pub authorized: bool,
 }
 
+/// A JWT the server verified (signature, issuer, audience, lifetime): a
+/// `/token` assertion or a self-signed bearer token, decoded so tests can look
+/// at exactly what the client claimed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VerifiedJwt {
+    /// The JOSE header, e.g. `{"alg":"RS256","typ":"JWT","kid":"..."}`.
+    pub header: serde_json::Value,
+    /// The claims, e.g. `{"iss":..,"aud":..,"scope":..,"iat":..,"exp":..}`.
+    pub claims: serde_json::Value,
+}
+
 /// State shared by the public handle, the acceptor and the request threads.
 pub(crate) struct Shared {
     pub(crate) state: Mutex<State>,
@@ -247,6 +258,16 @@ impl PubSubTestServer {
         self.shared.notify(&mut state);
     }
 
+    /// An outage: for the next `d`, every `/v1` call answers `status` with Google's
+    /// error JSON, and pulls already held answer it at once, as when the service is
+    /// down. Calls made after `d` work again.
+    pub fn fail_for(&self, d: Duration, status: u16) {
+        let mut state = self.shared.lock();
+        state.outage_until = Some(Instant::now() + d);
+        state.outage_status = status;
+        self.shared.notify(&mut state);
+    }
+
     /// Sleeps `d` before answering each later `/v1` call (zero turns it off).
     pub fn set_delay(&self, d: Duration) {
         let mut state = self.shared.lock();
@@ -307,6 +328,11 @@ impl PubSubTestServer {
         let mut state = self.shared.lock();
         state.token_lifetime = d;
         self.shared.notify(&mut state);
+    }
+
+    /// Every JWT that passed verification so far, first sightings only, in order.
+    pub fn verified_jwts(&self) -> Vec<VerifiedJwt> {
+        self.shared.lock().verified_jwts.clone()
     }
 
     /// Full names of all topics, sorted.

@@ -232,6 +232,9 @@ pub(crate) struct State {
     next_uid: u64,
     pub(crate) fail_next: usize,
     pub(crate) fail_status: u16,
+    /// Every `/v1` call fails with `outage_status` until this instant (an outage).
+    pub(crate) outage_until: Option<Instant>,
+    pub(crate) outage_status: u16,
     pub(crate) delay: Duration,
     pub(crate) requests: Vec<RequestRecord>,
     /// Access tokens issued by `/token`, with their expiry.
@@ -245,9 +248,18 @@ pub(crate) struct State {
     pub(crate) ignore_acks: usize,
     /// Lifetime of access tokens issued from now on (Google's: 3599 s).
     pub(crate) token_lifetime: Duration,
+    /// Every JWT that passed verification, decoded, in order.
+    pub(crate) verified_jwts: Vec<crate::VerifiedJwt>,
 }
 
 impl State {
+    /// The status to fail every call with at `now`, while an outage lasts.
+    pub(crate) fn outage_at(&self, now: Instant) -> Option<u16> {
+        self.outage_until
+            .filter(|until| now < *until)
+            .map(|_| self.outage_status)
+    }
+
     pub(crate) fn new() -> State {
         State {
             version: 0,
@@ -261,10 +273,13 @@ impl State {
             next_uid: 0,
             fail_next: 0,
             fail_status: 503,
+            outage_until: None,
+            outage_status: 503,
             delay: Duration::ZERO,
             ignore_acks: 0,
             token_lifetime: Duration::from_secs(crate::auth::ACCESS_TOKEN_LIFETIME),
             requests: Vec::new(),
+            verified_jwts: Vec::new(),
             access_tokens: HashMap::new(),
             seen_jwts: HashSet::new(),
             revoked_jwts: HashSet::new(),

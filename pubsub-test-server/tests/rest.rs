@@ -580,6 +580,27 @@ fn injected_failures_then_success() {
 }
 
 #[test]
+fn an_outage_fails_every_call_and_held_pulls_until_it_ends() {
+    let (server, client) = start();
+    topic_and_subscription(&client);
+    // A pull held when the outage begins answers 503 at once.
+    let base = server.base_url();
+    let held = thread::spawn(move || {
+        Client::new(&base).post(&format!("/v1/{SUB}:pull"), json!({"maxMessages": 1}))
+    });
+    assert!(server.wait_for(Duration::from_secs(10), |s| s.held_pulls() == 1));
+    server.fail_for(Duration::from_millis(300), 503);
+    assert_error(&held.join().expect("pull thread"), 503, "UNAVAILABLE");
+    // So does every call made during it...
+    assert_error(&client.get(&format!("/v1/{TOPIC}")), 503, "UNAVAILABLE");
+    // ...and once it is over, calls work again.
+    assert!(server.wait_for(Duration::from_secs(10), |_| {
+        client.get(&format!("/v1/{TOPIC}")).0 == 200
+    }));
+    assert_eq!(pull(&client, 1).len(), 0);
+}
+
+#[test]
 fn delay_slows_every_call() {
     let (server, client) = start();
     server.set_delay(Duration::from_millis(200));
