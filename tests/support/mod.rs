@@ -83,7 +83,7 @@ impl Output {
 
     /// Waits until `pred(text)` holds or the pipe closes or `deadline` passes.
     /// Returns the text at that moment and whether the predicate held.
-    fn wait_until(&self, deadline: Instant, pred: impl Fn(&str) -> bool) -> (String, bool) {
+    pub fn wait_until(&self, deadline: Instant, pred: impl Fn(&str) -> bool) -> (String, bool) {
         let mut st = self.state.lock().unwrap();
         loop {
             if pred(&st.text) {
@@ -148,12 +148,24 @@ impl Process {
         for (k, v) in envs {
             cmd.env(k, v);
         }
+        Process::launch(cmd)
+    }
+
+    /// Starts `bin` with exactly `envs` as its environment: nothing inherited,
+    /// nothing added (not even HOST or PORT).
+    pub fn spawn_exact(bin: &Path, envs: &[(&str, &str)]) -> Process {
+        let mut cmd = Command::new(bin);
+        cmd.env_clear().envs(envs.iter().copied());
+        Process::launch(cmd)
+    }
+
+    fn launch(mut cmd: Command) -> Process {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {BIN}: {e}"));
+            .unwrap_or_else(|e| panic!("cannot start {:?}: {e}", cmd.get_program()));
         let stdout = Output::capture(child.stdout.take().unwrap());
         let stderr = Output::capture(child.stderr.take().unwrap());
         Process {
@@ -893,4 +905,28 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.path);
     }
+}
+
+// ---------------------------------------------------------------------------
+// External tools
+// ---------------------------------------------------------------------------
+
+/// Finds `name` on PATH. When it is missing, CI (which sets
+/// SKYWATCH_REQUIRE_TOOLS=1 after installing everything) fails the test with
+/// `install` as the fix; elsewhere the test says what it skipped and passes,
+/// so `make test` works on a machine without the extra tools.
+pub fn tool(name: &str, install: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(name))
+            .find(|path| path.is_file())
+    });
+    if found.is_none() {
+        let message = format!("{name} is not installed (install it with: {install})");
+        if std::env::var_os("SKYWATCH_REQUIRE_TOOLS").is_some_and(|v| v == "1") {
+            panic!("{message}; SKYWATCH_REQUIRE_TOOLS=1 requires it");
+        }
+        eprintln!("SKIPPED: {message}");
+    }
+    found
 }
