@@ -6,13 +6,15 @@ WORKDIR /src
 # cargo to load the workspace and build every dependency of skywatch.
 COPY Cargo.toml Cargo.lock ./
 COPY pubsub-test-server/Cargo.toml pubsub-test-server/
-RUN mkdir -p src pubsub-test-server/src \
+COPY loadgen/Cargo.toml loadgen/
+RUN mkdir -p src pubsub-test-server/src loadgen/src \
     && echo 'fn main() {}' > src/main.rs \
     && touch pubsub-test-server/src/lib.rs \
+    && echo 'fn main() {}' > loadgen/src/main.rs \
     && cargo build --release --locked --bin skywatch \
     && rm -rf src
-# Skywatch itself. The test tools keep their stubs: cargo needs them to load
-# the workspace but never builds them for the server.
+# Skywatch itself. The test and benchmark tools keep their stubs: cargo needs
+# them to load the workspace but never builds them for the server.
 COPY src src
 COPY index.html ./
 # touch: the stub main.rs above is newer than the real one's mtime in the image.

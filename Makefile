@@ -11,7 +11,7 @@ KEY ?= google-service-account.json
 DEMO_PUBSUB_PORT ?= 8085
 RELEASE := target/release
 
-.PHONY: help run test build lint fmt docker deploy secrets demo
+.PHONY: help run test build lint fmt docker deploy secrets demo bench
 
 ## help: list these targets
 help:
@@ -40,6 +40,12 @@ lint:
 ## fmt: format the code
 fmt:
 	$(CARGO) fmt --all
+
+## bench: the benchmark matrix (about 4 minutes; the 256 MiB cgroup run needs
+##        root), written into BENCHMARKS.md's generated section
+bench:
+	$(CARGO) build --release --locked --workspace --bins
+	$(RELEASE)/skywatch-load matrix --write BENCHMARKS.md
 
 ## docker: build the container image (needs a Docker engine)
 docker:

@@ -9,6 +9,7 @@
 //! handshake) does the job and keeps every socket a plain `TcpStream`.
 
 use crate::config::normalize_origin;
+use crate::fanout::ClientId;
 use crate::socket::{self, SessionContext};
 use socket2::SockRef;
 use std::io::{self, Read, Write};
@@ -116,7 +117,7 @@ fn accept_loop(listener: &TcpListener, server: &Arc<Server>, stopping: &AtomicBo
                     .name("connection".into())
                     .stack_size(CONNECTION_STACK)
                     .spawn(move || {
-                        handle_connection(stream, &for_thread);
+                        connection_thread(stream, &for_thread);
                         for_thread.connections.fetch_sub(1, Ordering::SeqCst);
                     });
                 if let Err(err) = spawned {
@@ -134,7 +135,53 @@ fn accept_loop(listener: &TcpListener, server: &Arc<Server>, stopping: &AtomicBo
     }
 }
 
-/// A parsed request head.
+/// The life of a connection thread, in two steps that never overlap on the
+/// stack: the HTTP request (and the handshake), then the WebSocket session.
+///
+/// Why two steps: a thread keeps every stack page it has ever touched for as
+/// long as it lives, and a WebSocket thread lives for hours. Glibc's thread
+/// block and Rust's thread start already use ~4.8 KiB of the top page pair;
+/// if the session ran inside the request handler, its frames would sit below
+/// the handler's (request buffers, header table) and the thread would keep a
+/// third page. Run one after the other, the deepest either goes stays within
+/// two pages (8 KiB, measured; BENCHMARKS.md).
+fn connection_thread(stream: TcpStream, server: &Server) {
+    let Some(client) = handle_connection(stream, server) else {
+        return;
+    };
+    let Upgraded {
+        id,
+        stream,
+        already_read,
+        slot,
+    } = client;
+    socket::serve(id, stream, already_read, &server.session);
+    drop(slot);
+}
+
+/// A connection whose WebSocket handshake is done, ready for `socket::serve`.
+struct Upgraded<'a> {
+    id: ClientId,
+    stream: TcpStream,
+    /// Bytes the client sent right after its request.
+    already_read: Vec<u8>,
+    /// Its place among MAX_CONNECTIONS, given back when the session ends.
+    slot: ClientSlot<'a>,
+}
+
+/// The request headers the server reads; the others are not kept. Each kept
+/// header is two small allocations on the connection thread, and glibc keeps
+/// what a thread frees in that thread's own cache for the thread's whole life.
+const USED_HEADERS: &[&str] = &[
+    "Host",
+    "Origin",
+    "Upgrade",
+    "Connection",
+    "Sec-WebSocket-Version",
+    "Sec-WebSocket-Key",
+];
+
+/// A parsed request head, with the headers in [`USED_HEADERS`].
 struct Head {
     method: String,
     path: String,
@@ -166,17 +213,22 @@ enum HeadError {
     Malformed,
 }
 
-fn handle_connection(mut stream: TcpStream, server: &Server) {
+/// Reads the request and answers it; returns the connection when it became a
+/// WebSocket. Never inlined: its frame must be gone before the session runs.
+#[inline(never)]
+fn handle_connection(mut stream: TcpStream, server: &Server) -> Option<Upgraded<'_>> {
     let deadline = Instant::now() + server.settings.handshake_timeout;
     let _ = stream.set_nodelay(true);
     let (head, already_read) = match read_head(&mut stream, deadline) {
         Ok(parsed) => parsed,
-        Err(HeadError::Gone) => return,
+        Err(HeadError::Gone) => return None,
         Err(HeadError::TooLarge) => {
-            return respond(stream, Response::text(431, "request head too large\n"));
+            respond(stream, Response::text(431, "request head too large\n"));
+            return None;
         }
         Err(HeadError::Malformed) => {
-            return respond(stream, Response::text(400, "malformed request\n"));
+            respond(stream, Response::text(400, "malformed request\n"));
+            return None;
         }
     };
     let head_only = head.method == "HEAD";
@@ -204,23 +256,30 @@ fn handle_connection(mut stream: TcpStream, server: &Server) {
             response
         },
     );
+    None
 }
 
 /// Reads until a whole request head has arrived, within `deadline` in all
 /// (a slowloris client trickling a byte at a time gets no extension).
 fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<(Head, Vec<u8>), HeadError> {
-    let mut buf = Vec::with_capacity(1024);
-    let mut chunk = [0u8; 1024];
+    // Room for the largest head at once: no reallocation, and a block too
+    // big for glibc's per-thread cache, so it goes back to the shared heap
+    // when the head is parsed instead of staying with this thread for life.
+    let mut buf = Vec::with_capacity(MAX_HEAD_BYTES);
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
             return Err(HeadError::Gone);
         }
-        let n = match stream.read(&mut chunk) {
+        // Read straight into the buffer: a chunk array on the stack would
+        // cost the thread a page for life (see `connection_thread`).
+        let filled = buf.len();
+        buf.resize(filled + 1024, 0);
+        let n = match stream.read(&mut buf[filled..]) {
             Ok(0) | Err(_) => return Err(HeadError::Gone),
             Ok(n) => n,
         };
-        buf.extend_from_slice(&chunk[..n]);
+        buf.truncate(filled + n);
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buf) {
@@ -233,6 +292,7 @@ fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<(Head, Vec<u8>
                     headers: request
                         .headers
                         .iter()
+                        .filter(|h| USED_HEADERS.iter().any(|n| h.name.eq_ignore_ascii_case(n)))
                         .map(|h| {
                             (
                                 h.name.to_string(),
@@ -252,41 +312,46 @@ fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<(Head, Vec<u8>
     }
 }
 
-fn upgrade(mut stream: TcpStream, head: &Head, already_read: Vec<u8>, server: &Server) {
+fn upgrade<'a>(
+    mut stream: TcpStream,
+    head: &Head,
+    already_read: Vec<u8>,
+    server: &'a Server,
+) -> Option<Upgraded<'a>> {
     if !head.header_has_token("Upgrade", "websocket")
         || !head.header_has_token("Connection", "upgrade")
     {
         let response = Response::text(426, "this endpoint speaks WebSocket only\n")
             .with_header("Upgrade", "websocket")
             .with_header("Sec-WebSocket-Version", "13");
-        return respond(stream, response);
+        return refuse(stream, response);
     }
     if head.header("Sec-WebSocket-Version").map(str::trim) != Some("13") {
         let response = Response::text(426, "unsupported WebSocket version; use 13\n")
             .with_header("Upgrade", "websocket")
             .with_header("Sec-WebSocket-Version", "13");
-        return respond(stream, response);
+        return refuse(stream, response);
     }
     let Some(key) = head
         .header("Sec-WebSocket-Key")
         .map(str::trim)
         .filter(|k| !k.is_empty())
     else {
-        return respond(stream, Response::text(400, "missing Sec-WebSocket-Key\n"));
+        return refuse(stream, Response::text(400, "missing Sec-WebSocket-Key\n"));
     };
     if !origin_allowed(head, &server.settings.allowed_origins) {
         crate::info!(
             "refusing WebSocket from origin {:?}",
             head.header("Origin").unwrap_or_default()
         );
-        return respond(stream, Response::text(403, "origin not allowed\n"));
+        return refuse(stream, Response::text(403, "origin not allowed\n"));
     }
-    let Some(_slot) = ClientSlot::take(&server.clients, server.settings.max_connections) else {
+    let Some(slot) = ClientSlot::take(&server.clients, server.settings.max_connections) else {
         crate::warn!(
             "refusing WebSocket: {} clients connected",
             server.settings.max_connections
         );
-        return respond(
+        return refuse(
             stream,
             Response::text(503, "server full, try again soon\n").with_header("Retry-After", "5"),
         );
@@ -302,15 +367,25 @@ fn upgrade(mut stream: TcpStream, head: &Head, already_read: Vec<u8>, server: &S
         .is_err()
         || stream.write_all(switching.as_bytes()).is_err()
     {
-        return;
+        return None;
     }
     // From here the socket thread blocks in read for as long as the client
     // stays; only the keepalive decides when a silent peer is gone.
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(None);
     let _ = SockRef::from(&stream).set_send_buffer_size(SOCKET_SEND_BUFFER);
-    let id = server.next_client_id.fetch_add(1, Ordering::Relaxed);
-    socket::serve(id, stream, already_read, &server.session);
+    Some(Upgraded {
+        id: server.next_client_id.fetch_add(1, Ordering::Relaxed),
+        stream,
+        already_read,
+        slot,
+    })
+}
+
+/// Answers a request that will not become a WebSocket.
+fn refuse<'a>(stream: TcpStream, response: Response) -> Option<Upgraded<'a>> {
+    respond(stream, response);
+    None
 }
 
 /// A place among MAX_CONNECTIONS clients, given back on drop.
@@ -426,7 +501,7 @@ fn respond(mut stream: TcpStream, response: Response) {
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     if stream.write_all(&out).is_ok() {
         let _ = stream.shutdown(Shutdown::Write);
-        socket::linger(&mut stream, Duration::from_secs(1));
+        socket::linger(&stream, Duration::from_secs(1));
     }
 }
 

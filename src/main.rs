@@ -11,6 +11,7 @@ mod broker;
 mod config;
 mod fanout;
 mod http;
+mod limits;
 mod log;
 mod message;
 mod ratelimit;
@@ -51,6 +52,7 @@ fn main() -> ExitCode {
         }
     };
     log::set_level(config.log_level);
+    raise_open_file_limit();
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -113,6 +115,7 @@ fn run(config: Config) -> Result<(), String> {
             alert_burst: config.alert_burst,
             broker: Arc::clone(&broker),
             events: events_tx.clone(),
+            greeting: socket::greeting_frame(&config.region),
         },
     ));
     let address = listener
@@ -144,6 +147,21 @@ fn run(config: Config) -> Result<(), String> {
     broker.shutdown(started + SHUTDOWN_BUDGET);
     info!("stopped in {} ms", started.elapsed().as_millis());
     Ok(())
+}
+
+/// One open file per client: lift the soft limit to the hard one (see
+/// `limits.rs`). Not fatal when it fails; the server then holds fewer clients.
+fn raise_open_file_limit() {
+    match limits::raise_open_files() {
+        Ok(files) if files.now > files.before => {
+            info!(
+                "open-file limit raised from {} to {}",
+                files.before, files.now
+            );
+        }
+        Ok(files) => info!("open-file limit: {}", files.now),
+        Err(err) => warn!("cannot raise the open-file limit: {err}"),
+    }
 }
 
 /// Handles `--help` and `--version`; returns the exit code when the process

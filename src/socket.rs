@@ -3,9 +3,10 @@
 //! The thread blocks in `read` until the client sends something — no polling,
 //! no timeouts — so an idle connection costs no CPU. It parses what arrives,
 //! rate-limits alerts and publishes them to the broker. It never writes to
-//! the socket: its greeting, replies and tungstenite's automatic pongs and
-//! close echoes are encoded here and handed to the fan-out thread, which owns
-//! the write half (see `fanout.rs`).
+//! the socket: its replies and tungstenite's automatic pongs and close
+//! echoes are encoded here and handed to the fan-out thread, which owns the
+//! write half (see `fanout.rs`), and so is the greeting, which is the same
+//! for every client and encoded once, at start.
 
 use crate::broker::{Broker, PublishError};
 use crate::fanout::{self, ClientId, Event};
@@ -17,12 +18,19 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::Frame;
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
 /// Largest message a client may send. An alert is about 60 bytes.
 pub const MAX_MESSAGE_BYTES: usize = 4096;
+
+/// What each read asks the kernel for. tungstenite zero-fills this much of
+/// its buffer before every read, so all of it stays resident for the
+/// connection's life. Client messages are ~60 bytes; a larger one (up to
+/// [`MAX_MESSAGE_BYTES`]) grows the buffer for as long as it needs.
+const READ_BUFFER: usize = 256;
 
 /// How long to wait for the client's close frame after sending ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -35,20 +43,35 @@ pub struct SessionContext {
     pub alert_burst: u32,
     pub broker: Arc<dyn Broker>,
     pub events: Sender<Event>,
+    /// The `CONNECTED` frame, the same for every client: encoded once.
+    pub greeting: Arc<[u8]>,
+}
+
+/// The encoded `CONNECTED` frame for this instance's clients.
+pub fn greeting_frame(region: &str) -> Arc<[u8]> {
+    fanout::encode(Frame::message(
+        message::connected(region),
+        OpCode::Data(Data::Text),
+        true,
+    ))
+    .into()
 }
 
 /// The socket's read side, as tungstenite sees it. Reads come from the
 /// socket; writes land in `out`, from where the fan-out thread sends them.
 /// tungstenite only ever writes whole frames into `out` (a Vec never takes
 /// less than it is given), so `out` always holds whole frames.
+///
+/// The socket is shared with the fan-out thread (an `Arc`, not a `dup`): one
+/// descriptor per client, so the open-file limit counts clients one to one.
 struct ReadHalf {
-    socket: TcpStream,
+    socket: Arc<TcpStream>,
     out: Vec<u8>,
 }
 
 impl Read for ReadHalf {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.socket.read(buf)
+        (&*self.socket).read(buf)
     }
 }
 
@@ -67,44 +90,47 @@ fn websocket_config() -> WebSocketConfig {
     // tungstenite's defaults (128 KiB buffers, 64 MiB messages) suit bulk
     // transfer; here thousands of connections each carry tiny messages.
     WebSocketConfig::default()
-        .read_buffer_size(MAX_MESSAGE_BYTES)
+        .read_buffer_size(READ_BUFFER)
         .write_buffer_size(0)
         .max_message_size(Some(MAX_MESSAGE_BYTES))
         .max_frame_size(Some(MAX_MESSAGE_BYTES))
 }
 
-/// Serves one upgraded connection until it ends. `already_read` holds bytes
-/// the client sent right after its handshake request.
-pub fn serve(id: ClientId, socket: TcpStream, already_read: Vec<u8>, ctx: &SessionContext) {
-    let writer = match socket.try_clone() {
-        Ok(writer) => writer,
-        Err(err) => {
-            crate::warn!("client {id}: cannot clone socket: {err}");
-            return;
-        }
-    };
-    let last_seen = Arc::new(AtomicU64::new(fanout::now_ms()));
+/// The connection's WebSocket state, on the heap: the read loop runs under
+/// the frame that holds it for the thread's whole life, and ~350 bytes less
+/// there keep the deepest call within the thread's first two stack pages
+/// (see `http::connection_thread`).
+#[inline(never)]
+fn websocket(socket: Arc<TcpStream>, already_read: Vec<u8>) -> Box<WebSocket<ReadHalf>> {
     let read_half = ReadHalf {
         socket,
         out: Vec::new(),
     };
-    let mut ws = WebSocket::from_partially_read(
+    Box::new(WebSocket::from_partially_read(
         read_half,
         already_read,
         Role::Server,
         Some(websocket_config()),
-    );
+    ))
+}
+
+/// Serves one upgraded connection until it ends. `already_read` holds bytes
+/// the client sent right after its handshake request.
+pub fn serve(id: ClientId, socket: TcpStream, already_read: Vec<u8>, ctx: &SessionContext) {
+    let socket = Arc::new(socket);
+    let writer = Arc::clone(&socket);
+    let last_seen = Arc::new(AtomicU64::new(fanout::now_ms()));
+    let mut ws = websocket(socket, already_read);
     let mut session = Session {
         id,
         ctx,
         bucket: TokenBucket::new(ctx.alerts_per_second, ctx.alert_burst, Instant::now()),
     };
 
-    let greeting = session.encode_text(&mut ws, message::connected(&ctx.region));
     let join = Event::Join {
         id,
         writer,
-        greeting,
+        greeting: Arc::clone(&ctx.greeting),
         last_seen: Arc::clone(&last_seen),
     };
     if ctx.events.send(join).is_err() {
@@ -113,23 +139,38 @@ pub fn serve(id: ClientId, socket: TcpStream, already_read: Vec<u8>, ctx: &Sessi
     crate::debug!("client {id}: connected");
     let ending = session.read_loop(&mut ws, &last_seen);
     if let Some((code, reason)) = ending {
-        crate::debug!("client {id}: closing with {}: {reason}", u16::from(code));
-        let _ = ctx.events.send(Event::Close {
-            id,
-            frame: fanout::close_frame(code, reason),
-        });
-        // After a whole bad message (binary, invalid UTF-8) tungstenite is
-        // still in step with the client and can see its close reply, so we
-        // close as soon as it comes. After an oversized or malformed frame
-        // it is not: the rest of that frame is still arriving, so drain it.
-        if matches!(code, CloseCode::Unsupported | CloseCode::Invalid) {
-            await_close_reply(&mut ws, CLOSE_LINGER);
-        } else {
-            linger(&mut ws.get_mut().socket, CLOSE_LINGER);
-        }
+        close(&mut ws, id, ctx, code, reason);
     }
     let _ = ctx.events.send(Event::Leave { id });
     crate::debug!("client {id}: disconnected");
+}
+
+/// The server ends the session: sends `code` and waits (briefly) for the
+/// client's answer. Out of line, like every path an idle connection never
+/// takes, to keep the frames of a thread's whole life small (see
+/// `http::connection_thread`).
+#[inline(never)]
+fn close(
+    ws: &mut WebSocket<ReadHalf>,
+    id: ClientId,
+    ctx: &SessionContext,
+    code: CloseCode,
+    reason: &'static str,
+) {
+    crate::debug!("client {id}: closing with {}: {reason}", u16::from(code));
+    let _ = ctx.events.send(Event::Close {
+        id,
+        frame: fanout::close_frame(code, reason),
+    });
+    // After a whole bad message (binary, invalid UTF-8) tungstenite is still
+    // in step with the client and can see its close reply, so we close as
+    // soon as it comes. After an oversized or malformed frame it is not: the
+    // rest of that frame is still arriving, so drain it.
+    if matches!(code, CloseCode::Unsupported | CloseCode::Invalid) {
+        await_close_reply(ws, CLOSE_LINGER);
+    } else {
+        linger(&ws.get_ref().socket, CLOSE_LINGER);
+    }
 }
 
 struct Session<'a> {
@@ -182,6 +223,7 @@ impl Session<'_> {
         }
     }
 
+    #[inline(never)]
     fn handle_text(&mut self, ws: &mut WebSocket<ReadHalf>, text: &str) {
         let outcome = message::parse_request(text).and_then(|request| match request {
             Request::AlienLanding { timestamp } => self.report_landing(timestamp),
@@ -264,7 +306,7 @@ fn await_close_reply(ws: &mut WebSocket<ReadHalf>, within: Duration) {
 /// After our last write (a close frame, an HTTP response), reads and discards
 /// until the client closes its side or `within` passes. Closing a socket with
 /// unread input sends a reset, which can make the client lose what we wrote.
-pub fn linger(socket: &mut TcpStream, within: Duration) {
+pub fn linger(mut socket: &TcpStream, within: Duration) {
     let deadline = Instant::now() + within;
     let mut sink = [0u8; 512];
     let mut budget: usize = 64 * 1024;

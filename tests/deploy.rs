@@ -191,9 +191,12 @@ fn fly_env_and_limits_agree_with_the_code() {
     );
     let soft = int_at(&fly, "http_service.concurrency.soft_limit");
     let hard = int_at(&fly, "http_service.concurrency.hard_limit");
-    let max_connections: i64 = default_of("MAX_CONNECTIONS")
+    let max_connections: i64 = env
+        .iter()
+        .find(|(k, _)| k == "MAX_CONNECTIONS")
+        .map_or_else(|| default_of("MAX_CONNECTIONS"), |(_, v)| v.clone())
         .parse()
-        .expect("MAX_CONNECTIONS default is a number");
+        .expect("MAX_CONNECTIONS is a number");
     assert!(
         0 < soft && soft <= hard,
         "soft_limit {soft} / hard_limit {hard}"

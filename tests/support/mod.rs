@@ -403,7 +403,19 @@ pub fn try_connect_over(
     addr: SocketAddr,
     origin: Option<&str>,
 ) -> Result<Client, ConnectError> {
-    let uri: Uri = format!("ws://{addr}/ws").parse().unwrap();
+    try_connect_path(stream, addr, "/ws", origin)
+}
+
+/// Opens a WebSocket on `path` (e.g. `/ws?since=...`) over `stream`.
+pub fn try_connect_path(
+    stream: TcpStream,
+    addr: SocketAddr,
+    path: &str,
+    origin: Option<&str>,
+) -> Result<Client, ConnectError> {
+    let uri: Uri = format!("ws://{addr}{path}")
+        .parse()
+        .unwrap_or_else(|e| panic!("bad test URI for {path}: {e}"));
     let mut req = ClientRequestBuilder::new(uri);
     if let Some(o) = origin {
         req = req.with_header("Origin", o);
@@ -429,6 +441,17 @@ pub fn connect(addr: SocketAddr) -> Client {
 /// Connects and consumes the `CONNECTED` greeting.
 pub fn connect_ready(addr: SocketAddr) -> Client {
     let mut c = connect(addr);
+    let hello = c.next_json();
+    assert_eq!(hello["message"], "CONNECTED", "unexpected greeting {hello}");
+    c
+}
+
+/// Connects to `/ws?since=<id>`, as a page does after losing its socket, and
+/// consumes the CONNECTED greeting.
+pub fn connect_since(addr: SocketAddr, id: &str) -> Client {
+    let stream = tcp_connect(addr).unwrap_or_else(|e| panic!("tcp connect to {addr}: {e}"));
+    let mut c = try_connect_path(stream, addr, &format!("/ws?since={id}"), None)
+        .unwrap_or_else(|e| panic!("ws connect to {addr} with since={id} failed: {e:?}"));
     let hello = c.next_json();
     assert_eq!(hello["message"], "CONNECTED", "unexpected greeting {hello}");
     c
@@ -523,8 +546,29 @@ impl Client {
         self.next_json_within(TIMEOUT)
     }
 
+    /// The next text message as JSON, skipping pings, pongs and PRESENCE
+    /// updates (which arrive whenever the watcher count changes; tests of
+    /// presence read them with [`Client::next_presence`]).
     pub fn next_json_within(&mut self, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
+        loop {
+            let v = self.next_message_until(deadline);
+            if v["message"] != "PRESENCE" {
+                return v;
+            }
+        }
+    }
+
+    /// The next PRESENCE update within `timeout`, skipping nothing else: any
+    /// other message in between is a failure.
+    pub fn next_presence(&mut self, timeout: Duration) -> Value {
+        let v = self.next_message_until(Instant::now() + timeout);
+        assert_eq!(v["message"], "PRESENCE", "expected PRESENCE, got {v}");
+        v
+    }
+
+    /// The next text message as JSON, whatever it is (pings and pongs skipped).
+    pub fn next_message_until(&mut self, deadline: Instant) -> Value {
         loop {
             match self.read_until(deadline) {
                 Ok(Message::Text(t)) => {

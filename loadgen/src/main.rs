@@ -1,0 +1,164 @@
+//! skywatch-load: opens N WebSocket clients against Skywatch instances, has
+//! one of them send K alerts, and reports per-alert fan-out latency,
+//! delivery, connect errors, and the servers' RSS and CPU.
+//!
+//! `skywatch-load run ...` measures one setup; `skywatch-load matrix` runs the
+//! standard set behind `make bench` and writes BENCHMARKS.md's numbers.
+//! Run with `--help` for the options.
+
+mod bench;
+mod floor;
+mod launch;
+mod limits;
+mod matrix;
+mod procfs;
+mod reader;
+mod report;
+mod scenario;
+mod stats;
+mod ws;
+
+use bench::Setup;
+use scenario::Plan;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::process::ExitCode;
+use std::time::Duration;
+
+const USAGE: &str = "\
+usage:
+  skywatch-load run [options]       measure one setup
+  skywatch-load matrix [--write FILE] [--runs N]
+                                    the standard matrix (make bench); with --write,
+                                    replaces the generated part of FILE
+
+run options (defaults in brackets):
+  --clients N       measured clients; the first sends the alerts [1000]
+  --idle N          further clients held open, not timed [0]
+  --alerts K        alerts to send [20]
+  --rate R          alerts per second [2]
+  --idle-secs S     idle CPU window after connecting [10]
+  --settle S        wait after connecting before measuring [2]
+  --until-failure   stop connecting at the first failures (find a ceiling)
+  --url HOST:PORT   an already running instance (repeatable; also ws://HOST:PORT/ws)
+  --pid PID         its process, for RSS and CPU (repeatable)
+without --url, the tool starts instances itself (from target/release):
+  --instances N     instances to start [1]; more than 1 implies --pubsub
+  --pubsub          join them through a pubsub-test-server it starts
+  --cgroup MIB      run the instance in a cgroup v1 memory group of MIB MiB
+  --env NAME=VALUE  extra environment for the instances (repeatable)
+  --pin             pin the servers to CPU 0 and the tool to CPU 1
+  --no-busy-poll    let the reader sleep between messages while alerts flow
+";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let open_files = limits::raise_open_files();
+    let result = match args.first().map(String::as_str) {
+        Some("run") => run(&args[1..], open_files),
+        Some("matrix") => matrix::main(&args[1..]),
+        Some("-h" | "--help") => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        _ => Err(format!("expected a command\n{USAGE}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("skywatch-load: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &[String], open_files: u64) -> Result<(), String> {
+    let mut plan = Plan {
+        endpoints: Vec::new(),
+        pids: Vec::new(),
+        probe: 1000,
+        idle: 0,
+        until_failure: false,
+        alerts: 20,
+        rate: 2.0,
+        settle: Duration::from_secs(2),
+        idle_window: Duration::from_secs(10),
+        drain: Duration::from_secs(5),
+        busy_poll: true,
+    };
+    let mut setup = Setup {
+        instances: 1,
+        ..Setup::default()
+    };
+    let mut args = args.iter();
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        match flag.as_str() {
+            "--clients" => plan.probe = number(flag, &value()?)?,
+            "--idle" => plan.idle = number(flag, &value()?)?,
+            "--alerts" => plan.alerts = number(flag, &value()?)?,
+            "--rate" => plan.rate = number(flag, &value()?)?,
+            "--idle-secs" => plan.idle_window = Duration::from_secs_f64(number(flag, &value()?)?),
+            "--settle" => plan.settle = Duration::from_secs_f64(number(flag, &value()?)?),
+            "--until-failure" => plan.until_failure = true,
+            "--url" => plan.endpoints.push(endpoint(&value()?)?),
+            "--pid" => plan.pids.push(number(flag, &value()?)?),
+            "--instances" => setup.instances = number(flag, &value()?)?,
+            "--pubsub" => setup.pubsub = true,
+            "--pin" => setup.pin = true,
+            "--no-busy-poll" => plan.busy_poll = false,
+            "--cgroup" => setup.cgroup_mib = Some(number(flag, &value()?)?),
+            "--env" => {
+                let pair = value()?;
+                let (name, val) = pair
+                    .split_once('=')
+                    .ok_or_else(|| format!("--env wants NAME=VALUE, not {pair:?}"))?;
+                setup.env.push((name.into(), val.into()));
+            }
+            other => return Err(format!("unknown option {other:?}\n{USAGE}")),
+        }
+    }
+    if plan.probe == 0 || plan.alerts == 0 || plan.rate <= 0.0 {
+        return Err("--clients, --alerts and --rate must be positive".into());
+    }
+    setup.pubsub |= setup.instances > 1;
+    let wanted = (plan.probe + plan.idle) as u64;
+    if wanted + 64 > open_files {
+        eprintln!("warning: {wanted} clients but only {open_files} open files allowed");
+    }
+    eprintln!(
+        "machine: {}; load average {}",
+        procfs::machine(),
+        procfs::load_average()
+    );
+    let report = if plan.endpoints.is_empty() {
+        bench::run(&setup, &plan)?
+    } else {
+        let mut nothing = |_: &str| {};
+        bench::Report {
+            outcome: scenario::run(&plan, &mut nothing).map_err(|err| err.to_string())?,
+            ..bench::Report::default()
+        }
+    };
+    print!("{}", report::text(&report));
+    Ok(())
+}
+
+fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {
+    text.parse()
+        .map_err(|_| format!("{flag}: {text:?} is not a valid number"))
+}
+
+/// `HOST:PORT` or `ws://HOST:PORT/ws` (the path is always /ws).
+fn endpoint(text: &str) -> Result<SocketAddr, String> {
+    let bare = text.trim_start_matches("ws://");
+    let host_port = bare.split('/').next().unwrap_or(bare);
+    host_port
+        .to_socket_addrs()
+        .map_err(|err| format!("--url {text:?}: {err}"))?
+        .next()
+        .ok_or_else(|| format!("--url {text:?}: no address"))
+}

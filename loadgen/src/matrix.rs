@@ -1,0 +1,446 @@
+//! The standard matrix behind `make bench`: every number BENCHMARKS.md keeps
+//! in its generated section, measured in one go (about four minutes).
+//!
+//! 1. local, 1,000 clients (×runs): start RSS, RSS per client, idle CPU,
+//!    CPU per delivered message, latency; once more with a 65 s idle window,
+//!    which takes in the keepalive's pings (every client is pinged once it
+//!    has been silent 30 s, checked every 30 s);
+//! 2. local, 4,000 clients (×runs): the latency target;
+//! 3. local ceiling: clients until the first failures, 1,000 of them timed;
+//! 4. 256 MiB cgroup: 1,000 probe clients plus up to 7,000 idle ones, then,
+//!    if the group ran out first, 90 % of what it held (skipped where cgroup
+//!    v1's memory controller is not writable);
+//! 5. three instances through the Pub/Sub test server, 1,000 clients
+//!    (×runs): the broker path's added latency;
+//! 6. the kernel's floor for one send per client per alert (see `floor.rs`).
+
+use crate::bench::{self, Report, Setup};
+use crate::floor;
+use crate::procfs;
+use crate::report::ms;
+use crate::scenario::{Outcome, Plan};
+use crate::stats::median;
+use std::fmt::Write as _;
+use std::fs;
+use std::time::{Duration, Instant};
+
+pub const BEGIN: &str =
+    "<!-- skywatch-load matrix: begin (generated; edits here are overwritten) -->";
+pub const END: &str = "<!-- skywatch-load matrix: end -->";
+
+const CGROUP_MIB: u64 = 256;
+
+pub fn main(args: &[String]) -> Result<(), String> {
+    let mut write = None;
+    let mut runs = 3;
+    let mut args = args.iter();
+    while let Some(flag) = args.next() {
+        match (flag.as_str(), args.next()) {
+            ("--write", Some(path)) => write = Some(path.clone()),
+            ("--runs", Some(n)) => {
+                runs = n
+                    .parse()
+                    .map_err(|_| format!("--runs: {n:?} is not a number"))?
+            }
+            _ => return Err(format!("matrix: unexpected argument {flag:?}")),
+        }
+    }
+    let started = Instant::now();
+    let load_before = procfs::load_average();
+    let command = std::iter::once("skywatch-load".to_string())
+        .chain(std::env::args().skip(1))
+        .collect::<Vec<_>>()
+        .join(" ");
+
+    let local = Setup {
+        instances: 1,
+        ..Setup::default()
+    };
+    let plan = |probe: usize, idle_window: u64| Plan {
+        endpoints: Vec::new(),
+        pids: Vec::new(),
+        probe,
+        idle: 0,
+        until_failure: false,
+        alerts: 10,
+        rate: 2.0,
+        settle: Duration::from_secs(2),
+        idle_window: Duration::from_secs(idle_window),
+        drain: Duration::from_secs(5),
+        busy_poll: true,
+    };
+
+    let mut rows = Vec::new();
+    rows.push(repeat(
+        "local, 1,000 clients",
+        runs,
+        &local,
+        &plan(1000, 10),
+    )?);
+    rows.push(repeat(
+        "local, 1,000 clients, 65 s idle (keepalive included)",
+        1,
+        &local,
+        &plan(1000, 65),
+    )?);
+    rows.push(repeat(
+        "local, 4,000 clients",
+        runs,
+        &local,
+        &plan(4000, 3),
+    )?);
+    let ceiling_plan = Plan {
+        idle: 60_000,
+        until_failure: true,
+        ..plan(1000, 1)
+    };
+    rows.push(repeat("local, ceiling", 1, &local, &ceiling_plan)?);
+    let pubsub = Setup {
+        instances: 3,
+        pubsub: true,
+        ..Setup::default()
+    };
+    rows.push(repeat(
+        "Pub/Sub test server, 3 instances, 1,000 clients",
+        runs,
+        &pubsub,
+        &plan(1000, 2),
+    )?);
+
+    let cgroup = match bench::cgroup_available() {
+        Ok(()) => Some(cgroup_runs(&plan(1000, 1))?),
+        Err(why) => {
+            eprintln!("cgroup runs skipped: {why}");
+            None
+        }
+    };
+    eprintln!("kernel floor: 4,000 sockets");
+    let floor_us = floor::measure(4000, 10).map_err(|err| format!("floor: {err}"))?;
+
+    let markdown = render(&Rendering {
+        rows: &rows,
+        cgroup: cgroup.as_ref(),
+        floor_us,
+        command: &command,
+        load_before: &load_before,
+        elapsed: started.elapsed(),
+    });
+    match write {
+        Some(path) => splice(&path, &markdown)?,
+        None => print!("{markdown}"),
+    }
+    Ok(())
+}
+
+/// A row of the matrix: one setup, run a few times.
+struct Row {
+    name: &'static str,
+    reports: Vec<Report>,
+}
+
+impl Row {
+    fn outcomes(&self) -> impl Iterator<Item = &Outcome> {
+        self.reports.iter().map(|r| &r.outcome)
+    }
+
+    fn median_of(&self, f: impl Fn(&Outcome) -> f64) -> f64 {
+        median(&self.outcomes().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    }
+
+    fn latency(&self, f: impl Fn(&crate::stats::Percentiles) -> u32) -> f64 {
+        let values: Vec<f64> = self
+            .outcomes()
+            .filter_map(|o| o.latency.as_ref().map(|p| ms(f(p))))
+            .collect();
+        median(&values).unwrap_or(f64::NAN)
+    }
+
+    /// The worst delivery ratio of the runs.
+    fn delivery(&self) -> f64 {
+        self.outcomes()
+            .map(Outcome::delivery_ratio)
+            .fold(1.0, f64::min)
+    }
+}
+
+fn repeat(name: &'static str, runs: usize, setup: &Setup, plan: &Plan) -> Result<Row, String> {
+    let mut reports = Vec::new();
+    for run in 1..=runs.max(1) {
+        eprintln!("{name}: run {run} of {runs}");
+        let report = bench::run(setup, plan)?;
+        eprint!("{}", crate::report::text(&report));
+        reports.push(report);
+    }
+    Ok(Row { name, reports })
+}
+
+/// The capacity runs inside the 256 MiB group.
+struct CgroupRuns {
+    /// 1,000 probe clients and up to 7,000 idle ones, stopping at failures.
+    target: Report,
+    /// When `target` did not hold: 90 % of what it held, measured.
+    held: Option<Report>,
+}
+
+fn cgroup_runs(plan: &crate::scenario::Plan) -> Result<CgroupRuns, String> {
+    let setup = Setup {
+        instances: 1,
+        cgroup_mib: Some(CGROUP_MIB),
+        ..Setup::default()
+    };
+    let target_plan = Plan {
+        idle: 7000,
+        until_failure: true,
+        ..plan.clone()
+    };
+    eprintln!("cgroup: 1,000 probe + 7,000 idle clients in {CGROUP_MIB} MiB");
+    let target = bench::run(&setup, &target_plan)?;
+    eprint!("{}", crate::report::text(&target));
+    let held_all = target.died.is_none() && target.outcome.delivery_ratio() >= 1.0;
+    let held = if held_all {
+        None
+    } else {
+        // What the group held when it gave out, less a margin, in hundreds.
+        let idle = (target.outcome.connected.saturating_sub(plan.probe) * 9 / 10) / 100 * 100;
+        let held_plan = Plan {
+            idle,
+            ..plan.clone()
+        };
+        eprintln!("cgroup: 1,000 probe + {idle} idle clients");
+        let report = bench::run(&setup, &held_plan)?;
+        eprint!("{}", crate::report::text(&report));
+        Some(report)
+    };
+    Ok(CgroupRuns { target, held })
+}
+
+struct Rendering<'a> {
+    rows: &'a [Row],
+    cgroup: Option<&'a CgroupRuns>,
+    floor_us: f64,
+    command: &'a str,
+    load_before: &'a str,
+    elapsed: Duration,
+}
+
+fn render(r: &Rendering<'_>) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "{BEGIN}");
+    let _ = writeln!(out, "### Latest `make bench`\n");
+    let _ = writeln!(out, "- Machine: {}", procfs::machine());
+    let _ = writeln!(out, "- Commit: {}", commit());
+    let _ = writeln!(out, "- Command: `{}`", r.command);
+    let _ = writeln!(
+        out,
+        "- Date: {}; took {} s; 1-minute load average {} before, {} after",
+        date(),
+        r.elapsed.as_secs(),
+        r.load_before,
+        procfs::load_average()
+    );
+    let _ = writeln!(
+        out,
+        "- Rows with several runs show the median of the runs for each column \
+         (delivery: the worst run)\n"
+    );
+    let _ = writeln!(
+        out,
+        "| setup | runs | clients | RSS start | RSS connected | KiB/client | idle CPU | CPU, alerts | µs/delivery | min | p50 | p90 | p99 | max | delivered | connect errors |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for row in r.rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {:.1} MiB | {:.1} MiB | {:.2} | {:.3} % | {:.2} % | {:.2} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {:.4} | {:.0} |",
+            row.name,
+            row.reports.len(),
+            row.median_of(|o| o.connected as f64),
+            row.median_of(|o| o.rss_start_kib as f64) / 1024.0,
+            row.median_of(|o| o.rss_connected_kib as f64) / 1024.0,
+            row.median_of(Outcome::rss_per_client_kib),
+            row.median_of(|o| o.idle_cpu.percent()),
+            row.median_of(|o| o.alert_cpu.percent()),
+            row.median_of(Outcome::cpu_per_delivery_us),
+            row.latency(|p| p.min),
+            row.latency(|p| p.p50),
+            row.latency(|p| p.p90),
+            row.latency(|p| p.p99),
+            row.latency(|p| p.max),
+            row.delivery(),
+            row.median_of(|o| o.connect_errors as f64),
+        );
+    }
+    let _ = writeln!(out);
+
+    let ceiling = r.rows.iter().find(|row| row.name == "local, ceiling");
+    if let Some(report) = ceiling.and_then(|row| row.reports.first()) {
+        let o = &report.outcome;
+        let mut seen = Vec::new();
+        for warning in &report.warnings {
+            if !seen.contains(warning) {
+                seen.push(warning.clone());
+            }
+        }
+        let _ = writeln!(
+            out,
+            "- Ceiling: {} clients connected, {} server threads; then {}; the server said: {}",
+            o.connected,
+            o.threads_connected,
+            describe_errors(o),
+            if seen.is_empty() {
+                "nothing".to_string()
+            } else {
+                seen.iter()
+                    .map(|w| format!("`{w}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        );
+    }
+    let local = r.rows.iter().find(|row| row.name == "local, 1,000 clients");
+    let pubsub = r.rows.iter().find(|row| row.name.starts_with("Pub/Sub"));
+    if let (Some(local), Some(pubsub)) = (local, pubsub) {
+        let _ = writeln!(
+            out,
+            "- Broker path (Pub/Sub test server, 3 instances, against local with as many clients): \
+             +{:.2} ms min, +{:.2} ms p50, +{:.2} ms p99.",
+            pubsub.latency(|p| p.min) - local.latency(|p| p.min),
+            pubsub.latency(|p| p.p50) - local.latency(|p| p.p50),
+            pubsub.latency(|p| p.p99) - local.latency(|p| p.p99),
+        );
+    }
+    let _ = writeln!(
+        out,
+        "- Kernel floor: {:.2} µs of CPU per `send` of an alert-sized frame to one of 4,000 \
+         loopback sockets watched by epoll, one thread, no server.",
+        r.floor_us
+    );
+    match r.cgroup {
+        None => {
+            let _ = writeln!(
+                out,
+                "- {CGROUP_MIB} MiB cgroup: skipped, cgroup v1's memory controller is not writable here."
+            );
+        }
+        Some(runs) => {
+            let _ = writeln!(
+                out,
+                "- {CGROUP_MIB} MiB cgroup, 1,000 probe clients plus up to 7,000 idle: {}",
+                cgroup_line(&runs.target)
+            );
+            if let Some(held) = &runs.held {
+                let _ = writeln!(
+                    out,
+                    "- {CGROUP_MIB} MiB cgroup, with a margin: {}",
+                    cgroup_line(held)
+                );
+            }
+        }
+    }
+    let _ = writeln!(out, "\n{END}");
+    out
+}
+
+fn describe_errors(o: &Outcome) -> String {
+    if o.error_kinds.is_empty() {
+        return "no failures".into();
+    }
+    o.error_kinds
+        .iter()
+        .map(|(kind, n)| format!("{n}× \"{kind}\""))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn cgroup_line(report: &Report) -> String {
+    let o = &report.outcome;
+    let mib = crate::report::mib;
+    let mut line = format!(
+        "{} connected ({} idle); probe delivery {}/{}, ",
+        o.connected,
+        o.connected.saturating_sub(1000),
+        o.probe_delivered,
+        o.probe_expected
+    );
+    match o.latency {
+        Some(p) => {
+            let _ = write!(line, "p50 {:.1} ms, p99 {:.1} ms", ms(p.p50), ms(p.p99));
+        }
+        None => line.push_str("no receipts"),
+    }
+    if let (Some(s), None) = (&report.cgroup_connected, &report.died) {
+        let per = |bytes: u64| bytes as f64 / 1024.0 / o.connected.max(1) as f64;
+        let _ = write!(
+            line,
+            "; connected: {:.1} MiB used ({:.1} KiB per client), of which kernel {:.1} MiB ({:.1} KiB per client)",
+            mib(s.usage),
+            per(s.usage),
+            mib(s.kmem),
+            per(s.kmem)
+        );
+    }
+    if let Some(s) = &report.cgroup_peak {
+        let _ = write!(
+            line,
+            "; peak {:.1} MiB, TCP buffers (counted apart in cgroup v1) peak {:.1} MiB; {} OOM kill(s)",
+            mib(s.usage),
+            mib(s.tcp),
+            report.oom_kills
+        );
+    }
+    if report.died.is_some() {
+        line.push_str("; the server was killed while clients connected");
+    }
+    if o.connect_errors > 0 {
+        let _ = write!(line, "; failures: {}", describe_errors(o));
+    }
+    line
+}
+
+/// `git rev-parse --short HEAD`, plus "+dirty" when the tree has changes.
+fn commit() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|out| out.status.success())
+            .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    let Some(head) = git(&["rev-parse", "--short", "HEAD"]) else {
+        return "unknown (not a git checkout)".into();
+    };
+    match git(&["status", "--porcelain"]) {
+        Some(status) if !status.is_empty() => format!("{head}+dirty"),
+        _ => head,
+    }
+}
+
+fn date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Replaces the generated part of `path` (between [`BEGIN`] and [`END`]), or
+/// appends one when the file has none.
+fn splice(path: &str, generated: &str) -> Result<(), String> {
+    let old = fs::read_to_string(path).unwrap_or_default();
+    let new = match (old.find(BEGIN), old.find(END)) {
+        (Some(begin), Some(end)) if begin < end => {
+            let after = end + END.len();
+            let after = after + usize::from(old[after..].starts_with('\n'));
+            format!("{}{generated}{}", &old[..begin], &old[after..])
+        }
+        _ => format!("{old}\n{generated}"),
+    };
+    fs::write(path, new).map_err(|err| format!("cannot write {path}: {err}"))?;
+    eprintln!("wrote {path}");
+    Ok(())
+}
