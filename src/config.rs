@@ -64,6 +64,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "5",
         "drop a connection that has not sent its request by then",
     ),
+    (
+        "RECOVERY_ALERTS",
+        "100",
+        "recent alerts kept for clients that reconnect with ?since= (0 keeps none)",
+    ),
+    (
+        "PRESENCE_INTERVAL_SECS",
+        "15",
+        "seconds between watcher-count heartbeats to other instances (0 turns presence off)",
+    ),
     ("LOG_LEVEL", "info", "error, warn, info or debug"),
     (
         "PUBSUB_EMULATOR_HOST",
@@ -120,6 +130,9 @@ pub struct Config {
     pub alert_burst: u32,
     pub ping_interval: Duration,
     pub handshake_timeout: Duration,
+    pub recovery_alerts: usize,
+    /// None when presence is off.
+    pub presence_interval: Option<Duration>,
     pub log_level: Level,
     pub broker: BrokerChoice,
 }
@@ -207,6 +220,19 @@ impl Config {
             )?,
             ping_interval: seconds(var("PING_INTERVAL_SECS"), 30)?,
             handshake_timeout: seconds(var("HANDSHAKE_TIMEOUT_SECS"), 5)?,
+            recovery_alerts: var("RECOVERY_ALERTS").parse_if(
+                100,
+                |n: &usize| *n <= 100_000,
+                "expected a whole number from 0 to 100000",
+            )?,
+            presence_interval: {
+                let secs = var("PRESENCE_INTERVAL_SECS").parse_if(
+                    15,
+                    |n: &u64| *n <= 3600,
+                    "expected whole seconds from 0 (off) to 3600",
+                )?;
+                (secs > 0).then(|| Duration::from_secs(secs))
+            },
             log_level: {
                 let v = var("LOG_LEVEL");
                 match &v.value {
@@ -581,6 +607,10 @@ mod tests {
             ("LOG_LEVEL", "loud"),
             ("PING_INTERVAL_SECS", "0"),
             ("HANDSHAKE_TIMEOUT_SECS", "1.5"),
+            ("RECOVERY_ALERTS", "-1"),
+            ("RECOVERY_ALERTS", "100001"),
+            ("PRESENCE_INTERVAL_SECS", "3601"),
+            ("PRESENCE_INTERVAL_SECS", "1.5"),
             ("ALLOWED_ORIGINS", "not a url"),
             ("ALLOWED_ORIGINS", "https://ok.example,ftp://x"),
         ];

@@ -15,8 +15,18 @@
 //!
 //! An alert is serialized and framed once, then the same bytes are written to
 //! every client.
+//!
+//! Two more things live here because they must be ordered with the alerts:
+//! the ring of recent alerts that a reconnecting client is replayed from
+//! (`recovery.rs`; a client is registered and replayed in one step, so no
+//! alert falls between), and the presence picture (`presence.rs`), which
+//! counts this thread's own clients.
 
-use crate::message::Alert;
+use crate::broker::{Broker, Delivery};
+use crate::message::{self, Alert};
+use crate::metrics::METRICS;
+use crate::presence::{Heartbeat, Presence};
+use crate::recovery::{Missed, Recent};
 use crossbeam_channel::{Receiver, select_biased};
 use socket2::SockRef;
 use std::collections::{HashMap, HashSet};
@@ -42,6 +52,8 @@ pub enum Event {
         writer: Arc<TcpStream>,
         greeting: Arc<[u8]>,
         last_seen: Arc<AtomicU64>,
+        /// The last alert the client saw, when it is coming back (`?since=`).
+        since: Option<Box<str>>,
     },
     /// Encoded frames for one client: a reply, a pong, a close echo.
     Send { id: ClientId, frames: Vec<u8> },
@@ -64,6 +76,24 @@ pub struct Limits {
     pub slow_client_grace: Duration,
 }
 
+/// Everything the fan-out thread is configured with.
+pub struct Settings {
+    pub limits: Limits,
+    /// Alerts kept for clients that reconnect (0: none).
+    pub recovery_alerts: usize,
+    /// None when presence is switched off.
+    pub presence: Option<PresenceSettings>,
+}
+
+pub struct PresenceSettings {
+    pub interval: Duration,
+    /// This instance, as its heartbeats name it.
+    pub instance: String,
+    pub region: String,
+    /// Where heartbeats go; they come back on `deliveries` like alerts.
+    pub broker: Arc<dyn Broker>,
+}
+
 /// How often a non-empty backlog is retried. Only clients that have fallen
 /// behind cost anything; an idle server never wakes for this.
 const FLUSH_RETRY: Duration = Duration::from_millis(10);
@@ -77,9 +107,16 @@ pub fn now_ms() -> u64 {
 
 /// Runs the fan-out thread until shutdown completes (or every sender of
 /// `events` is gone).
-pub fn run(limits: Limits, deliveries: Receiver<Alert>, events: Receiver<Event>) {
+pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<Event>) {
+    let limits = settings.limits;
     let mut hub = Hub {
         limits,
+        recent: Recent::new(settings.recovery_alerts),
+        presence: settings.presence.map(|settings| Watchers {
+            book: Presence::new(settings.interval),
+            next_beat: Instant::now(),
+            settings,
+        }),
         clients: HashMap::new(),
         behind: HashSet::new(),
         next_ping_check: Instant::now() + limits.ping_interval,
@@ -99,8 +136,9 @@ pub fn run(limits: Limits, deliveries: Receiver<Alert>, events: Receiver<Event>)
                 Ok(event) => hub.handle(event),
                 Err(_) => break,
             },
-            recv(deliveries.as_ref().unwrap_or(&never)) -> alert => match alert {
-                Ok(alert) => hub.broadcast(&alert),
+            recv(deliveries.as_ref().unwrap_or(&never)) -> delivery => match delivery {
+                Ok(Delivery::Alert(alert)) => hub.broadcast(&alert),
+                Ok(Delivery::Presence(beat)) => hub.heard(beat),
                 Err(_) => deliveries = None,
             },
             default(timeout) => {}
@@ -108,7 +146,9 @@ pub fn run(limits: Limits, deliveries: Receiver<Alert>, events: Receiver<Event>)
         if hub.housekeeping(Instant::now()) == Flow::Done {
             break;
         }
+        METRICS.connected_clients.set(hub.clients.len() as i64);
     }
+    METRICS.connected_clients.set(0);
 }
 
 #[derive(PartialEq, Eq)]
@@ -119,6 +159,9 @@ enum Flow {
 
 struct Hub {
     limits: Limits,
+    /// The last alerts delivered, for clients that come back.
+    recent: Recent,
+    presence: Option<Watchers>,
     clients: HashMap<ClientId, Client>,
     /// Clients with a non-empty backlog.
     behind: HashSet<ClientId>,
@@ -128,9 +171,32 @@ struct Hub {
     going_away: Vec<u8>,
 }
 
+/// The presence picture and this instance's part in it.
+struct Watchers {
+    settings: PresenceSettings,
+    book: Presence,
+    next_beat: Instant,
+}
+
+impl Watchers {
+    fn own(&self, clients: usize) -> Heartbeat {
+        Heartbeat {
+            instance: self.settings.instance.clone(),
+            region: self.settings.region.clone(),
+            clients: clients as u64,
+        }
+    }
+}
+
 impl Hub {
     fn next_wakeup(&self, now: Instant) -> Instant {
         let mut at = self.next_ping_check;
+        if let Some(watchers) = &self.presence {
+            at = at.min(watchers.next_beat);
+            if let Some(due) = watchers.book.next_due() {
+                at = at.min(due);
+            }
+        }
         if !self.behind.is_empty() {
             at = at.min(now + FLUSH_RETRY);
         }
@@ -148,6 +214,7 @@ impl Hub {
                 writer,
                 greeting,
                 last_seen,
+                since,
             } => {
                 let mut client = Client {
                     fd: writer.as_raw_fd(),
@@ -158,7 +225,22 @@ impl Hub {
                     pinged_at: None,
                     closing: false,
                 };
-                let sent = client.send(&greeting, now, &self.limits);
+                let mut sent = client.send(&greeting, now, &self.limits);
+                if let Some(watchers) = &mut self.presence {
+                    // This instance's count includes the newcomer at once,
+                    // and the newcomer sees the picture without waiting for
+                    // the next update.
+                    watchers
+                        .book
+                        .record(watchers.own(self.clients.len() + 1), now);
+                    let picture = text_frame(watchers.book.message());
+                    sent = sent.and_then(|()| client.send(&picture, now, &self.limits));
+                }
+                if let Some(since) = since {
+                    sent = sent.and_then(|()| {
+                        replay(&self.recent, &since, &mut client, now, &self.limits)
+                    });
+                }
                 let sent = sent.and_then(|()| match self.stopping {
                     Some(_) => client.close(&self.going_away, now, &self.limits),
                     None => Ok(()),
@@ -214,11 +296,24 @@ impl Hub {
         if self.stopping.is_some() {
             return;
         }
-        let frame = encode(Frame::message(
-            alert.to_client_json(),
-            OpCode::Data(Data::Text),
-            true,
-        ));
+        self.recent.push(alert);
+        let frame = text_frame(alert.to_client_json());
+        self.send_to_all(&frame);
+        METRICS.alerts_delivered.add(self.clients.len() as u64);
+    }
+
+    /// Another instance's heartbeat (this instance's own comes back too, but
+    /// its count is kept here first-hand).
+    fn heard(&mut self, beat: Heartbeat) {
+        if let Some(watchers) = &mut self.presence
+            && beat.instance != watchers.settings.instance
+        {
+            watchers.book.record(beat, Instant::now());
+        }
+    }
+
+    /// Writes the same frame to every client.
+    fn send_to_all(&mut self, frame: &[u8]) {
         let now = Instant::now();
         let Hub {
             clients,
@@ -226,7 +321,7 @@ impl Hub {
             limits,
             ..
         } = self;
-        clients.retain(|id, client| match client.send(&frame, now, limits) {
+        clients.retain(|id, client| match client.send(frame, now, limits) {
             Ok(()) => {
                 if client.is_behind() {
                     behind.insert(*id);
@@ -286,6 +381,9 @@ impl Hub {
             self.next_ping_check = now + self.limits.ping_interval;
             self.keepalive();
         }
+        if self.stopping.is_none() {
+            self.presence_update(now);
+        }
 
         match self.stopping {
             Some(deadline) if self.clients.is_empty() || now >= deadline => {
@@ -295,6 +393,28 @@ impl Hub {
                 Flow::Done
             }
             _ => Flow::Continue,
+        }
+    }
+
+    /// Sends this instance's heartbeat every interval, forgets silent
+    /// instances, and tells clients when the picture changed (at most once
+    /// per interval: `Presence::due`).
+    fn presence_update(&mut self, now: Instant) {
+        let clients = self.clients.len();
+        let Some(watchers) = &mut self.presence else {
+            return;
+        };
+        watchers.book.record(watchers.own(clients), now);
+        if now >= watchers.next_beat {
+            watchers.next_beat = now + watchers.settings.interval;
+            watchers
+                .settings
+                .broker
+                .publish_presence(watchers.own(clients));
+        }
+        watchers.book.expire(now);
+        if let Some(message) = watchers.book.due(now) {
+            self.send_to_all(&text_frame(message));
         }
     }
 
@@ -331,6 +451,31 @@ impl Hub {
     }
 }
 
+/// Sends a reconnecting client what it missed since the alert `since`:
+/// every later alert still held, marked replayed, or a MISSED notice.
+fn replay(
+    recent: &Recent,
+    since: &str,
+    client: &mut Client,
+    now: Instant,
+    limits: &Limits,
+) -> Result<(), Gone> {
+    match recent.after(since) {
+        Missed::Alerts(alerts) => {
+            METRICS.alerts_replayed.add(alerts.len() as u64);
+            alerts
+                .into_iter()
+                .try_for_each(|alert| client.send(&text_frame(alert.to_replay_json()), now, limits))
+        }
+        Missed::Unknown => client.send(&text_frame(message::missed(since)), now, limits),
+    }
+}
+
+/// A complete text frame carrying `text`.
+fn text_frame(text: String) -> Vec<u8> {
+    encode(Frame::message(text, OpCode::Data(Data::Text), true))
+}
+
 /// Why a client was disconnected by the fan-out thread.
 enum Gone {
     Io(io::Error),
@@ -342,7 +487,10 @@ impl Gone {
     fn log(&self, id: ClientId) {
         match self {
             Gone::Io(err) => crate::debug!("client {id}: write failed: {err}"),
-            Gone::Slow(why) => crate::warn!("disconnecting slow client {id}: {why}"),
+            Gone::Slow(why) => {
+                METRICS.slow_clients_dropped.inc();
+                crate::warn!("disconnecting slow client {id}: {why}");
+            }
             Gone::Silent => crate::info!("disconnecting client {id}: no answer to ping"),
         }
     }

@@ -12,6 +12,7 @@ use crate::config::normalize_origin;
 use crate::fanout::ClientId;
 use crate::socket::{self, SessionContext};
 use socket2::SockRef;
+use std::borrow::Cow;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::Arc;
@@ -153,9 +154,10 @@ fn connection_thread(stream: TcpStream, server: &Server) {
         id,
         stream,
         already_read,
+        since,
         slot,
     } = client;
-    socket::serve(id, stream, already_read, &server.session);
+    socket::serve(id, stream, already_read, since, &server.session);
     drop(slot);
 }
 
@@ -165,6 +167,8 @@ struct Upgraded<'a> {
     stream: TcpStream,
     /// Bytes the client sent right after its request.
     already_read: Vec<u8>,
+    /// `?since=<alert id>`: the client is coming back and wants what it missed.
+    since: Option<Box<str>>,
     /// Its place among MAX_CONNECTIONS, given back when the session ends.
     slot: ClientSlot<'a>,
 }
@@ -185,6 +189,8 @@ const USED_HEADERS: &[&str] = &[
 struct Head {
     method: String,
     path: String,
+    /// The query string, without the `?` (empty when there is none).
+    query: String,
     headers: Vec<(String, String)>,
 }
 
@@ -243,7 +249,10 @@ fn handle_connection(mut stream: TcpStream, server: &Server) -> Option<Upgraded<
         },
         ("/ws", "GET") => return upgrade(stream, &head, already_read, server),
         ("/ws", _) => Response::text(405, "method not allowed\n").with_header("Allow", "GET"),
-        ("/" | "/healthz" | "/readyz", _) => {
+        ("/metrics", "GET" | "HEAD") => Response::metrics(
+            crate::metrics::METRICS.render(server.session.broker.name(), &server.session.region),
+        ),
+        ("/" | "/healthz" | "/readyz" | "/metrics", _) => {
             Response::text(405, "method not allowed\n").with_header("Allow", "GET, HEAD")
         }
         _ => Response::text(404, "not found\n"),
@@ -284,11 +293,13 @@ fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<(Head, Vec<u8>
         let mut request = httparse::Request::new(&mut headers);
         match request.parse(&buf) {
             Ok(httparse::Status::Complete(len)) => {
-                let path = request.path.unwrap_or("/");
+                let target = request.path.unwrap_or("/");
+                let (path, query) = target.split_once('?').unwrap_or((target, ""));
                 let head = Head {
                     method: request.method.unwrap_or_default().to_string(),
                     // The query string plays no part in routing.
-                    path: path.split('?').next().unwrap_or(path).to_string(),
+                    path: path.to_string(),
+                    query: query.to_string(),
                     headers: request
                         .headers
                         .iter()
@@ -339,6 +350,10 @@ fn upgrade<'a>(
     else {
         return refuse(stream, Response::text(400, "missing Sec-WebSocket-Key\n"));
     };
+    let Ok(since) = since_param(&head.query) else {
+        let response = Response::text(400, "since must be an alert id: 32 lowercase hex digits\n");
+        return refuse(stream, response);
+    };
     if !origin_allowed(head, &server.settings.allowed_origins) {
         crate::info!(
             "refusing WebSocket from origin {:?}",
@@ -378,8 +393,22 @@ fn upgrade<'a>(
         id: server.next_client_id.fetch_add(1, Ordering::Relaxed),
         stream,
         already_read,
+        since,
         slot,
     })
+}
+
+/// The `since` of a query string: the last alert a returning client saw.
+/// Absent is fine; present, it must be an alert id.
+fn since_param(query: &str) -> Result<Option<Box<str>>, ()> {
+    match query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("since="))
+    {
+        None => Ok(None),
+        Some(id) if crate::message::is_alert_id(id) => Ok(Some(id.into())),
+        Some(_) => Err(()),
+    }
 }
 
 /// Answers a request that will not become a WebSocket.
@@ -431,7 +460,7 @@ struct Response {
     status: u16,
     content_type: &'static str,
     headers: Vec<(&'static str, &'static str)>,
-    body: &'static [u8],
+    body: Cow<'static, [u8]>,
     content_length: usize,
 }
 
@@ -441,8 +470,19 @@ impl Response {
             status,
             content_type: "text/plain; charset=utf-8",
             headers: Vec::new(),
-            body: body.as_bytes(),
+            body: Cow::Borrowed(body.as_bytes()),
             content_length: body.len(),
+        }
+    }
+
+    /// Prometheus' text exposition format.
+    fn metrics(text: String) -> Response {
+        Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4; charset=utf-8",
+            headers: Vec::new(),
+            content_length: text.len(),
+            body: Cow::Owned(text.into_bytes()),
         }
     }
 
@@ -462,7 +502,7 @@ impl Response {
 
     /// For HEAD: same headers (Content-Length included), no body.
     fn without_body(mut self) -> Response {
-        self.body = b"";
+        self.body = Cow::Borrowed(b"");
         self
     }
 }
@@ -497,7 +537,7 @@ fn respond(mut stream: TcpStream, response: Response) {
         out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(response.body);
+    out.extend_from_slice(&response.body);
     let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
     if stream.write_all(&out).is_ok() {
         let _ = stream.shutdown(Shutdown::Write);
@@ -513,10 +553,30 @@ mod tests {
         Head {
             method: "GET".into(),
             path: "/ws".into(),
+            query: String::new(),
             headers: headers
                 .iter()
                 .map(|(n, v)| (n.to_string(), v.to_string()))
                 .collect(),
+        }
+    }
+
+    #[test]
+    fn since_must_be_an_alert_id_when_given() {
+        let id = "0123456789abcdef0123456789abcdef";
+        assert_eq!(since_param(""), Ok(None));
+        assert_eq!(since_param("x=1&y"), Ok(None));
+        assert_eq!(since_param(&format!("since={id}")), Ok(Some(id.into())));
+        assert_eq!(
+            since_param(&format!("a=b&since={id}&c")),
+            Ok(Some(id.into()))
+        );
+        for bad in [
+            "since=",
+            "since=xyz",
+            "since=0123456789ABCDEF0123456789ABCDEF",
+        ] {
+            assert_eq!(since_param(bad), Err(()), "{bad}");
         }
     }
 

@@ -14,7 +14,10 @@ mod http;
 mod limits;
 mod log;
 mod message;
+mod metrics;
+mod presence;
 mod ratelimit;
+mod recovery;
 mod socket;
 
 use broker::Broker;
@@ -92,14 +95,25 @@ fn run(config: Config) -> Result<(), String> {
     };
     info!("broker: {}, {why}", broker.name());
 
-    let limits = fanout::Limits {
-        ping_interval: config.ping_interval,
-        max_backlog: 64 * 1024,
-        slow_client_grace: Duration::from_secs(10),
+    let fanout_settings = fanout::Settings {
+        limits: fanout::Limits {
+            ping_interval: config.ping_interval,
+            max_backlog: 64 * 1024,
+            slow_client_grace: Duration::from_secs(10),
+        },
+        recovery_alerts: config.recovery_alerts,
+        presence: config
+            .presence_interval
+            .map(|interval| fanout::PresenceSettings {
+                interval,
+                instance: config.instance_id.clone(),
+                region: config.region.clone(),
+                broker: Arc::clone(&broker),
+            }),
     };
     let fanout = std::thread::Builder::new()
         .name("fanout".into())
-        .spawn(move || fanout::run(limits, deliveries_rx, events_rx))
+        .spawn(move || fanout::run(fanout_settings, deliveries_rx, events_rx))
         .map_err(|err| format!("cannot start the fan-out thread: {err}"))?;
 
     let server = Arc::new(http::Server::new(

@@ -54,6 +54,43 @@ impl Alert {
     }
 }
 
+impl Alert {
+    /// The alert as sent again to a client that missed it: the broadcast
+    /// form plus `"replayed": true`, so the page can tell it is not new.
+    pub fn to_replay_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Replayed<'a> {
+            message: &'static str,
+            #[serde(flatten)]
+            alert: &'a Alert,
+            replayed: bool,
+        }
+        serde_json::to_string(&Replayed {
+            message: "ALIEN_LANDING",
+            alert: self,
+            replayed: true,
+        })
+        .expect("strings and integers always serialize")
+    }
+}
+
+/// Told to a client that came back naming an alert this instance does not
+/// hold: alerts may have gone by unseen.
+pub fn missed(since: &str) -> String {
+    serde_json::json!({
+        "message": "MISSED",
+        "since": since,
+        "detail": "some alerts may have been missed while disconnected",
+    })
+    .to_string()
+}
+
+/// Whether `text` has the shape of an alert id: 32 lowercase hex digits
+/// (see [`new_alert_id`]).
+pub fn is_alert_id(text: &str) -> bool {
+    text.len() == 32 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// Something a client may ask for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Request {

@@ -11,6 +11,7 @@
 use crate::broker::{Broker, PublishError};
 use crate::fanout::{self, ClientId, Event};
 use crate::message::{self, Alert, Rejection, Request};
+use crate::metrics::METRICS;
 use crate::ratelimit::TokenBucket;
 use crossbeam_channel::Sender;
 use std::io::{self, Read, Write};
@@ -115,8 +116,15 @@ fn websocket(socket: Arc<TcpStream>, already_read: Vec<u8>) -> Box<WebSocket<Rea
 }
 
 /// Serves one upgraded connection until it ends. `already_read` holds bytes
-/// the client sent right after its handshake request.
-pub fn serve(id: ClientId, socket: TcpStream, already_read: Vec<u8>, ctx: &SessionContext) {
+/// the client sent right after its handshake request; `since`, the last
+/// alert a returning client saw.
+pub fn serve(
+    id: ClientId,
+    socket: TcpStream,
+    already_read: Vec<u8>,
+    since: Option<Box<str>>,
+    ctx: &SessionContext,
+) {
     let socket = Arc::new(socket);
     let writer = Arc::clone(&socket);
     let last_seen = Arc::new(AtomicU64::new(fanout::now_ms()));
@@ -132,6 +140,7 @@ pub fn serve(id: ClientId, socket: TcpStream, already_read: Vec<u8>, ctx: &Sessi
         writer,
         greeting: Arc::clone(&ctx.greeting),
         last_seen: Arc::clone(&last_seen),
+        since,
     };
     if ctx.events.send(join).is_err() {
         return; // the fan-out thread is gone: the server is stopping
@@ -229,6 +238,7 @@ impl Session<'_> {
             Request::AlienLanding { timestamp } => self.report_landing(timestamp),
         });
         if let Err(rejection) = outcome {
+            METRICS.rejected(rejection.code);
             crate::debug!(
                 "client {}: rejected: {} ({})",
                 self.id,
@@ -264,7 +274,9 @@ impl Session<'_> {
         };
         self.ctx.broker.publish(alert).map_err(|err| match err {
             PublishError::Unavailable => Rejection::new("broker_unavailable", err.to_string()),
-        })
+        })?;
+        METRICS.alerts_received.inc();
+        Ok(())
     }
 
     /// Encodes a text message through tungstenite (so its state stays right)

@@ -322,6 +322,11 @@ struct View {
     feedback: String,
     /// The alerts' texts, newest first.
     alerts: Vec<String>,
+    /// "N watchers in M regions".
+    watchers: String,
+    /// The notice shown after coming back to an instance that could not
+    /// replay what was missed (empty while hidden).
+    missed: String,
 }
 
 const READ_VIEW: &str = r##"
@@ -332,6 +337,9 @@ const READ_VIEW: &str = r##"
         disabled: document.getElementById("alert")?.disabled ?? true,
         feedback: document.getElementById("feedback")?.textContent ?? "",
         alerts: Array.from(document.querySelectorAll("#alerts li .alert-text"), (e) => e.textContent),
+        watchers: document.getElementById("watchers")?.textContent ?? "",
+        missed: document.getElementById("missed")?.hidden === false
+            ? document.getElementById("missed").textContent : "",
     };
 "##;
 
@@ -379,6 +387,8 @@ impl Page<'_> {
                         .collect()
                 })
                 .unwrap_or_default(),
+            watchers: v["watchers"].as_str().unwrap_or_default().to_string(),
+            missed: v["missed"].as_str().unwrap_or_default().to_string(),
         }
     }
 
@@ -549,6 +559,8 @@ fn emulator_env(ts: &PubSubTestServer, alloc: &str, region: &str) -> Vec<(String
         ("PUBSUB_PROJECT_ID".into(), PROJECT.into()),
         ("FLY_ALLOC_ID".into(), alloc.into()),
         ("FLY_REGION".into(), region.into()),
+        // Watcher counts cross instances within a second, not fifteen.
+        ("PRESENCE_INTERVAL_SECS".into(), "1".into()),
     ]
 }
 
@@ -619,6 +631,12 @@ fn alerts_cross_instances_and_a_restarted_instance_gets_its_page_back() {
         page1.view().alerts.is_empty(),
         "a new page shows old alerts"
     );
+    // Each instance counts its own page and hears of the other's.
+    for page in [&page1, &page2] {
+        page.wait_for("the watcher count", WAIT, |v| {
+            v.watchers == "2 watchers in 2 regions"
+        });
+    }
 
     // Press on page 1: both pages show the alert, naming A's city.
     page1.press();
@@ -654,6 +672,11 @@ fn alerts_cross_instances_and_a_restarted_instance_gets_its_page_back() {
     assert_eq!(b2.addr.port(), b_port, "B came back on another port");
     wait_ready(&ts, &b2, "browser-b");
     page2.wait_connected("in Sydney", RECONNECT_WAIT);
+    // Page 2 came back naming the last alert it saw; the restarted B never
+    // saw it, so the page says some alerts may have been missed.
+    page2.wait_for("the missed-alerts notice", WAIT, |v| {
+        v.missed.contains("may have been missed")
+    });
 
     // The next alert reaches page 2 through the restarted instance, and an
     // alert from page 2 reaches page 1.

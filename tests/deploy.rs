@@ -219,6 +219,32 @@ fn fly_env_and_limits_agree_with_the_code() {
 }
 
 #[test]
+fn readme_lists_every_variable_the_server_reads() {
+    let help = run_to_exit(&["--help"], &[]).stdout;
+    let variables: Vec<&str> = help
+        .lines()
+        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
+        .collect();
+    assert!(variables.len() > 10, "--help lists no variables:\n{help}");
+    let readme = read("README.md");
+    for variable in variables {
+        let default = default_of(variable);
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(&format!("| `{variable}` |")))
+            .unwrap_or_else(|| panic!("README's table has no row for {variable}"));
+        // The table's default column, code marks aside, says the same.
+        let plain = row.replace('`', "");
+        assert!(
+            plain.contains(&format!("| {variable} | {default} |")),
+            "README's {variable} row does not give the default {default:?}: {row}"
+        );
+    }
+}
+
+#[test]
 fn fly_health_checks_answer_200_on_a_running_server() {
     let fly = fly_toml();
     let checks = at(&fly, "http_service.checks")
@@ -248,6 +274,31 @@ fn fly_health_checks_answer_200_on_a_running_server() {
         fly_duration(str_at(check, "grace_period"));
         fly_duration(str_at(check, "interval"));
     }
+}
+
+#[test]
+fn fly_metrics_section_points_at_the_prometheus_endpoint() {
+    let fly = fly_toml();
+    assert_eq!(
+        int_at(&fly, "metrics.port"),
+        int_at(&fly, "http_service.internal_port"),
+        "metrics are served on the server's one port"
+    );
+    let path = str_at(&fly, "metrics.path");
+    let server = support::Server::start(&[]);
+    let response = http(server.addr, "GET", path);
+    assert_eq!(response.status, 200, "GET {path}");
+    assert_eq!(
+        response.header("Content-Type"),
+        Some("text/plain; version=0.0.4; charset=utf-8")
+    );
+    assert!(
+        response
+            .body_text()
+            .contains("# TYPE skywatch_connected_clients gauge"),
+        "{}",
+        response.body_text()
+    );
 }
 
 #[test]

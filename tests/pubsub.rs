@@ -52,6 +52,10 @@ fn emulator_env(ts: &PubSubTestServer, alloc: &str, region: &str) -> Vec<(String
         // Rate limiting is tested elsewhere; keep it out of the way.
         ("ALERTS_PER_SECOND".into(), "1000".into()),
         ("ALERT_BURST".into(), "1000".into()),
+        // Presence heartbeats share the topic; these tests count messages
+        // and calls, so they run without them (tests/presence.rs has
+        // heartbeats through Pub/Sub).
+        ("PRESENCE_INTERVAL_SECS".into(), "0".into()),
     ]
 }
 
@@ -498,6 +502,7 @@ fn auth_env(ts: &PubSubTestServer, alloc: &str) -> Vec<(String, String)> {
         ("FLY_REGION".into(), "ams".into()),
         ("ALERTS_PER_SECOND".into(), "1000".into()),
         ("ALERT_BURST".into(), "1000".into()),
+        ("PRESENCE_INTERVAL_SECS".into(), "0".into()),
     ]
 }
 

@@ -2,17 +2,19 @@
 //! straight to this instance's fan-out, which is exactly what a Pub/Sub round
 //! trip would do with a single subscriber.
 
-use super::{Broker, PublishError};
+use super::{Broker, Delivery, PublishError};
 use crate::message::Alert;
+use crate::metrics::METRICS;
+use crate::presence::Heartbeat;
 use crossbeam_channel::{Sender, TrySendError};
 use std::time::Instant;
 
 pub struct LocalBroker {
-    deliveries: Sender<Alert>,
+    deliveries: Sender<Delivery>,
 }
 
 impl LocalBroker {
-    pub fn new(deliveries: Sender<Alert>) -> LocalBroker {
+    pub fn new(deliveries: Sender<Delivery>) -> LocalBroker {
         LocalBroker { deliveries }
     }
 }
@@ -25,9 +27,19 @@ impl Broker for LocalBroker {
     fn publish(&self, alert: Alert) -> Result<(), PublishError> {
         // try_send: a full fan-out queue means the server is overloaded, and
         // the sender is better told so than left blocked.
-        self.deliveries.try_send(alert).map_err(|err| match err {
-            TrySendError::Full(_) | TrySendError::Disconnected(_) => PublishError::Unavailable,
-        })
+        match self.deliveries.try_send(Delivery::Alert(alert)) {
+            Ok(()) => {
+                METRICS.alerts_published.inc();
+                Ok(())
+            }
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                Err(PublishError::Unavailable)
+            }
+        }
+    }
+
+    fn publish_presence(&self, beat: Heartbeat) {
+        let _ = self.deliveries.try_send(Delivery::Presence(beat));
     }
 
     fn shutdown(&self, _deadline: Instant) {}
@@ -52,8 +64,8 @@ mod tests {
         let broker = LocalBroker::new(tx);
         broker.publish(alert("a")).unwrap();
         broker.publish(alert("b")).unwrap();
-        assert_eq!(rx.try_recv().unwrap().id, "a");
-        assert_eq!(rx.try_recv().unwrap().id, "b");
+        assert_eq!(rx.try_recv().unwrap(), Delivery::Alert(alert("a")));
+        assert_eq!(rx.try_recv().unwrap(), Delivery::Alert(alert("b")));
     }
 
     #[test]

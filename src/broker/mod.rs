@@ -1,6 +1,7 @@
 //! The broker joins instances: an alert published on any instance comes back
 //! to every instance (this one included) on its `deliveries` channel, from
-//! which the fan-out thread sends it to every local client.
+//! which the fan-out thread sends it to every local client. Presence
+//! heartbeats travel the same way, marked as such.
 //!
 //! Two backends implement it: [`local`] (in-process, for one instance and for
 //! running with no cloud account) and [`pubsub`] (Google Cloud Pub/Sub).
@@ -9,8 +10,16 @@ pub mod local;
 pub mod pubsub;
 
 use crate::message::Alert;
+use crate::presence::Heartbeat;
 use std::fmt;
 use std::time::Instant;
+
+/// What travels between instances.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Delivery {
+    Alert(Alert),
+    Presence(Heartbeat),
+}
 
 pub trait Broker: Send + Sync {
     /// Short name for logs and metrics.
@@ -19,6 +28,11 @@ pub trait Broker: Send + Sync {
     /// Accepts an alert for delivery to every instance. Never blocks a socket
     /// thread: when the broker cannot take it, the client is told at once.
     fn publish(&self, alert: Alert) -> Result<(), PublishError>;
+
+    /// Sends this instance's heartbeat to every instance, if the broker has
+    /// room. Best effort: heartbeats repeat every interval, so one lost to a
+    /// full queue is made good by the next.
+    fn publish_presence(&self, beat: Heartbeat);
 
     /// Whether alerts published now reach other instances (for /readyz).
     fn is_ready(&self) -> bool {

@@ -12,23 +12,29 @@
 //! This instance's own alerts come back through its subscription like
 //! everyone else's: one delivery path, so exactly-once to local clients is
 //! just the messageId dedupe, at the price of one Pub/Sub round trip.
+//!
+//! Presence heartbeats share the topic, the queue and the threads; the
+//! message attribute `type` (`ALIEN_LANDING` or `PRESENCE`) tells them apart.
 
-use super::{Broker, PublishError};
+use super::{Broker, Delivery, PublishError};
 use crate::auth::TokenSource;
 use crate::message::Alert;
+use crate::metrics::METRICS;
+use crate::presence::Heartbeat;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-/// Alerts accepted but not yet published. While Pub/Sub is unreachable they
-/// wait here; only when it is full is a client told `broker_unavailable`.
+/// Alerts (and heartbeats) accepted but not yet published. While Pub/Sub is
+/// unreachable they wait here; only when it is full is a client told
+/// `broker_unavailable`.
 const PUBLISH_QUEUE: usize = 10_000;
 /// Most messages in one publish request (Google allows 1,000).
 const MAX_BATCH: usize = 100;
@@ -51,6 +57,9 @@ const EMPTY_PULL_FAST: Duration = Duration::from_millis(500);
 const SUBSCRIPTION_CHECK: Duration = Duration::from_secs(60);
 /// Message ids remembered for deduplication of redeliveries.
 const RECENT_IDS: usize = 10_000;
+/// The `type` attribute of each kind of message on the topic.
+const ALERT_TYPE: &str = "ALIEN_LANDING";
+const PRESENCE_TYPE: &str = "PRESENCE";
 
 /// Where and as whom to talk to Pub/Sub.
 pub struct PubSubSettings {
@@ -64,7 +73,7 @@ pub struct PubSubSettings {
 }
 
 pub struct PubSubBroker {
-    queue: Sender<Alert>,
+    queue: Sender<Delivery>,
     api: Arc<Api>,
     ready: Arc<AtomicBool>,
     stop: Sender<Instant>,
@@ -88,7 +97,7 @@ impl PubSubBroker {
     /// answers; /readyz says when it has.
     pub fn start(
         settings: PubSubSettings,
-        deliveries: Sender<Alert>,
+        deliveries: Sender<Delivery>,
     ) -> std::io::Result<PubSubBroker> {
         let api = Arc::new(Api::new(settings));
         let (queue_tx, queue_rx) = bounded(PUBLISH_QUEUE);
@@ -136,9 +145,15 @@ impl Broker for PubSubBroker {
     }
 
     fn publish(&self, alert: Alert) -> Result<(), PublishError> {
-        self.queue.try_send(alert).map_err(|err| match err {
-            TrySendError::Full(_) | TrySendError::Disconnected(_) => PublishError::Unavailable,
-        })
+        self.queue
+            .try_send(Delivery::Alert(alert))
+            .map_err(|err| match err {
+                TrySendError::Full(_) | TrySendError::Disconnected(_) => PublishError::Unavailable,
+            })
+    }
+
+    fn publish_presence(&self, beat: Heartbeat) {
+        let _ = self.queue.try_send(Delivery::Presence(beat));
     }
 
     fn is_ready(&self) -> bool {
@@ -171,7 +186,7 @@ impl Broker for PubSubBroker {
 
 fn publisher(
     api: &Api,
-    queue: &Receiver<Alert>,
+    queue: &Receiver<Delivery>,
     stop: &Receiver<Instant>,
     subscribed: &Receiver<()>,
 ) {
@@ -223,16 +238,27 @@ fn publisher(
 /// says so in the log either way.
 fn publish_with_retry(
     api: &Api,
-    batch: &[Alert],
+    batch: &[Delivery],
     stop: &Receiver<Instant>,
     deadline: &mut Option<Instant>,
 ) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
+    let alerts = batch
+        .iter()
+        .filter(|d| matches!(d, Delivery::Alert(_)))
+        .count() as u64;
     loop {
-        let err = match api.publish(batch) {
-            Ok(()) => return,
+        let started = Instant::now();
+        let published = api.publish(batch);
+        METRICS.publish_duration.observe(started.elapsed());
+        let err = match published {
+            Ok(()) => {
+                METRICS.alerts_published.add(alerts);
+                return;
+            }
             Err(err) => err,
         };
+        METRICS.publish_errors.inc();
         match err.status() {
             Some(404) => {
                 // Someone deleted the topic. Recreate it, and reattach this
@@ -250,13 +276,13 @@ fn publish_with_retry(
             }
             Some(400) => {
                 crate::error!(
-                    "Pub/Sub refused {} alerts as malformed, dropping them: {err}",
+                    "Pub/Sub refused {} messages as malformed, dropping them: {err}",
                     batch.len()
                 );
                 return;
             }
             _ => crate::warn!(
-                "publish of {} alerts failed, will retry: {err}",
+                "publish of {} messages failed, will retry: {err}",
                 batch.len()
             ),
         }
@@ -264,7 +290,7 @@ fn publish_with_retry(
         if let Some(at) = *deadline {
             if Instant::now() + pause >= at {
                 crate::error!(
-                    "shutting down with {} alerts unpublished: {err}",
+                    "shutting down with {} messages unpublished: {err}",
                     batch.len()
                 );
                 return;
@@ -278,7 +304,7 @@ fn publish_with_retry(
 
 fn puller(
     api: &Api,
-    deliveries: &Sender<Alert>,
+    deliveries: &Sender<Delivery>,
     ready: &AtomicBool,
     state: &PullerState,
     subscribed_signal: Sender<()>,
@@ -316,7 +342,12 @@ fn puller(
         }
         ready.store(true, Ordering::SeqCst);
         let started = Instant::now();
-        match api.pull() {
+        let pulled = api.pull();
+        METRICS.pull_duration.observe(started.elapsed());
+        if pulled.is_err() {
+            METRICS.pull_errors.inc();
+        }
+        match pulled {
             Ok(received) if received.is_empty() => {
                 if started.elapsed() < EMPTY_PULL_FAST {
                     std::thread::sleep(empty.next());
@@ -339,8 +370,8 @@ fn puller(
                     if !recent.insert(&message.message_id) {
                         continue; // a redelivery: its clients already have it
                     }
-                    if let Some(alert) = message.alert
-                        && deliveries.send(alert).is_err()
+                    if let Some(delivery) = message.delivery
+                        && deliveries.send(delivery).is_err()
                     {
                         return; // the fan-out has stopped: shutting down
                     }
@@ -368,8 +399,9 @@ fn puller(
 struct Received {
     ack_id: String,
     message_id: String,
-    /// None when the data is not an alert (logged, acknowledged, dropped).
-    alert: Option<Alert>,
+    /// None when the data is neither an alert nor a heartbeat (logged,
+    /// acknowledged, dropped).
+    delivery: Option<Delivery>,
 }
 
 /// An error from a Pub/Sub call.
@@ -495,13 +527,16 @@ impl Api {
             .map(drop)
     }
 
-    fn publish(&self, alerts: &[Alert]) -> Result<(), ApiError> {
-        let messages: Vec<Value> = alerts
+    fn publish(&self, batch: &[Delivery]) -> Result<(), ApiError> {
+        let messages: Vec<Value> = batch
             .iter()
-            .map(|alert| {
-                let data =
-                    serde_json::to_vec(alert).expect("strings and integers always serialize");
-                json!({ "data": BASE64.encode(data), "attributes": { "type": "ALIEN_LANDING" } })
+            .map(|delivery| {
+                let (data, kind) = match delivery {
+                    Delivery::Alert(alert) => (serde_json::to_vec(alert), ALERT_TYPE),
+                    Delivery::Presence(beat) => (serde_json::to_vec(beat), PRESENCE_TYPE),
+                };
+                let data = data.expect("strings and integers always serialize");
+                json!({ "data": BASE64.encode(data), "attributes": { "type": kind } })
             })
             .collect();
         let path = format!("{}:publish", self.topic);
@@ -533,6 +568,8 @@ impl Api {
             #[serde(default)]
             data: String,
             message_id: String,
+            #[serde(default)]
+            attributes: HashMap<String, String>,
         }
         let path = format!("{}:pull", self.subscription);
         let answer = self.call(
@@ -547,20 +584,31 @@ impl Api {
             .received_messages
             .into_iter()
             .map(|received| {
-                let alert = BASE64
-                    .decode(&received.message.data)
-                    .ok()
-                    .and_then(|bytes| serde_json::from_slice::<Alert>(&bytes).ok());
-                if alert.is_none() {
+                let message = received.message;
+                let data = BASE64.decode(&message.data).ok();
+                let delivery = data.and_then(|bytes| {
+                    match message.attributes.get("type").map(String::as_str) {
+                        Some(PRESENCE_TYPE) => {
+                            serde_json::from_slice(&bytes).ok().map(Delivery::Presence)
+                        }
+                        // Untyped messages are read as alerts, as the
+                        // original demo published them.
+                        Some(ALERT_TYPE) | None => {
+                            serde_json::from_slice(&bytes).ok().map(Delivery::Alert)
+                        }
+                        Some(_) => None,
+                    }
+                });
+                if delivery.is_none() {
                     crate::warn!(
-                        "ignoring message {}: not an alert",
-                        received.message.message_id
+                        "ignoring message {}: neither an alert nor a heartbeat",
+                        message.message_id
                     );
                 }
                 Received {
                     ack_id: received.ack_id,
-                    message_id: received.message.message_id,
-                    alert,
+                    message_id: message.message_id,
+                    delivery,
                 }
             })
             .collect())

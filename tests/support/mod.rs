@@ -380,6 +380,13 @@ pub enum ConnectError {
 pub struct Client {
     pub ws: WebSocket<TcpStream>,
     pub response: Response,
+    /// Whether reads return PRESENCE updates (see [`Client::poll_until`]).
+    pub presence: bool,
+}
+
+/// Whether a text message is a PRESENCE update.
+fn is_presence(text: &str) -> bool {
+    serde_json::from_str::<Value>(text).is_ok_and(|v| v["message"] == "PRESENCE")
 }
 
 fn tcp_connect(addr: SocketAddr) -> io::Result<TcpStream> {
@@ -421,7 +428,11 @@ pub fn try_connect_path(
         req = req.with_header("Origin", o);
     }
     match tungstenite::client(req, stream) {
-        Ok((ws, response)) => Ok(Client { ws, response }),
+        Ok((ws, response)) => Ok(Client {
+            ws,
+            response,
+            presence: false,
+        }),
         Err(HandshakeError::Failure(WsError::Http(resp))) => {
             Err(ConnectError::Status(resp.status().as_u16()))
         }
@@ -522,16 +533,28 @@ impl Client {
 
     /// Reads the next message (any kind) before `deadline`. `None` if the
     /// deadline passed; `Some(Err)` on a connection error.
+    /// PRESENCE updates are skipped unless the client asked to see them
+    /// ([`Client::with_presence`]): they arrive whenever the watcher count
+    /// changes, which most tests do not care about.
     pub fn poll_until(&mut self, deadline: Instant) -> Option<Result<Message, WsError>> {
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() {
-            return None;
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return None;
+            }
+            self.ws.get_ref().set_read_timeout(Some(remaining)).unwrap();
+            match self.ws.read() {
+                Err(WsError::Io(e)) if is_timeout(&e) => return None,
+                Ok(Message::Text(t)) if !self.presence && is_presence(t.as_str()) => {}
+                other => return Some(other),
+            }
         }
-        self.ws.get_ref().set_read_timeout(Some(remaining)).unwrap();
-        match self.ws.read() {
-            Err(WsError::Io(e)) if is_timeout(&e) => None,
-            other => Some(other),
-        }
+    }
+
+    /// Lets PRESENCE updates through to every read.
+    pub fn with_presence(mut self) -> Client {
+        self.presence = true;
+        self
     }
 
     /// Reads the next message (any kind) before `deadline`; `Err` on a
@@ -562,7 +585,9 @@ impl Client {
     /// The next PRESENCE update within `timeout`, skipping nothing else: any
     /// other message in between is a failure.
     pub fn next_presence(&mut self, timeout: Duration) -> Value {
+        let shown = std::mem::replace(&mut self.presence, true);
         let v = self.next_message_until(Instant::now() + timeout);
+        self.presence = shown;
         assert_eq!(v["message"], "PRESENCE", "expected PRESENCE, got {v}");
         v
     }

@@ -1,0 +1,332 @@
+//! Prometheus metrics, served as text on `GET /metrics`.
+//!
+//! The counters are process-wide statics of atomics: any thread bumps one
+//! with a single relaxed add, nothing is locked, and nothing has to be passed
+//! around. `render` reads them all into the text exposition format
+//! (https://prometheus.io/docs/instrumenting/exposition_formats/), which is
+//! simple enough that a client library would add more than it saves.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// Every metric of this process.
+pub static METRICS: Metrics = Metrics::new();
+
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    const fn new() -> Counter {
+        Counter(AtomicU64::new(0))
+    }
+
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn add(&self, n: u64) {
+        self.0.fetch_add(n, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+pub struct Gauge(AtomicI64);
+
+impl Gauge {
+    const fn new() -> Gauge {
+        Gauge(AtomicI64::new(0))
+    }
+
+    pub fn set(&self, value: i64) {
+        self.0.store(value, Ordering::Relaxed);
+    }
+
+    pub fn get(&self) -> i64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Upper bounds of the latency buckets, in seconds: from a fast local call to
+/// a long poll that Pub/Sub held for its full 90 s.
+const BOUNDS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0, 100.0,
+];
+
+/// A latency histogram with fixed buckets. Each observation is counted in
+/// the first bucket that holds it; `render` makes the counts cumulative, as
+/// Prometheus wants them.
+pub struct Histogram {
+    buckets: [AtomicU64; BOUNDS.len()],
+    /// Observations above the last bound (the `+Inf` bucket's own share).
+    over: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    const fn new() -> Histogram {
+        Histogram {
+            buckets: [const { AtomicU64::new(0) }; BOUNDS.len()],
+            over: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, elapsed: Duration) {
+        let seconds = elapsed.as_secs_f64();
+        match BOUNDS.iter().position(|bound| seconds <= *bound) {
+            Some(i) => self.buckets[i].fetch_add(1, Ordering::Relaxed),
+            None => self.over.fetch_add(1, Ordering::Relaxed),
+        };
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+}
+
+/// The codes a client's message can be refused with (message.rs), each
+/// counted on its own; `rate_limited` has a metric of its own.
+pub const REJECTION_CODES: [&str; 4] = [
+    "invalid_json",
+    "unknown_message",
+    "invalid_alert",
+    "broker_unavailable",
+];
+
+pub struct Metrics {
+    pub connected_clients: Gauge,
+    /// Alerts from this instance's clients, accepted for broadcast.
+    pub alerts_received: Counter,
+    /// Alerts this instance handed on to every instance (for Pub/Sub: once
+    /// the publish call succeeded).
+    pub alerts_published: Counter,
+    /// Alert messages written to this instance's clients (one per client
+    /// per alert).
+    pub alerts_delivered: Counter,
+    /// Alerts sent again to reconnecting clients from the recovery ring.
+    pub alerts_replayed: Counter,
+    /// Alerts refused because their client sent too many.
+    pub alerts_rate_limited: Counter,
+    /// Other refused client messages, by [`REJECTION_CODES`] index.
+    pub rejected: [Counter; REJECTION_CODES.len()],
+    pub slow_clients_dropped: Counter,
+    pub publish_errors: Counter,
+    pub pull_errors: Counter,
+    pub publish_duration: Histogram,
+    pub pull_duration: Histogram,
+}
+
+impl Metrics {
+    const fn new() -> Metrics {
+        Metrics {
+            connected_clients: Gauge::new(),
+            alerts_received: Counter::new(),
+            alerts_published: Counter::new(),
+            alerts_delivered: Counter::new(),
+            alerts_replayed: Counter::new(),
+            alerts_rate_limited: Counter::new(),
+            rejected: [const { Counter::new() }; REJECTION_CODES.len()],
+            slow_clients_dropped: Counter::new(),
+            publish_errors: Counter::new(),
+            pull_errors: Counter::new(),
+            publish_duration: Histogram::new(),
+            pull_duration: Histogram::new(),
+        }
+    }
+
+    /// Counts a refused message by its code; an unknown code (a bug) is
+    /// counted nowhere rather than crash the socket thread.
+    pub fn rejected(&self, code: &str) {
+        if code == "rate_limited" {
+            self.alerts_rate_limited.inc();
+        } else if let Some(i) = REJECTION_CODES.iter().position(|c| *c == code) {
+            self.rejected[i].inc();
+        }
+    }
+
+    /// The text exposition format, with `# HELP` and `# TYPE` for each
+    /// metric. `broker` and `region` label the build-info line.
+    pub fn render(&self, broker: &str, region: &str) -> String {
+        let mut out = String::with_capacity(4096);
+        gauge(
+            &mut out,
+            "skywatch_connected_clients",
+            "WebSocket clients connected to this instance.",
+            self.connected_clients.get(),
+        );
+        counter(
+            &mut out,
+            "skywatch_alerts_received_total",
+            "Alerts from this instance's clients accepted for broadcast (refusals are counted apart).",
+            self.alerts_received.get(),
+        );
+        counter(
+            &mut out,
+            "skywatch_alerts_published_total",
+            "Alerts handed to the broker and accepted by it.",
+            self.alerts_published.get(),
+        );
+        counter(
+            &mut out,
+            "skywatch_alerts_delivered_total",
+            "Alert messages written to clients (one per client per alert).",
+            self.alerts_delivered.get(),
+        );
+        counter(
+            &mut out,
+            "skywatch_alerts_replayed_total",
+            "Missed alerts sent again to reconnecting clients.",
+            self.alerts_replayed.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP skywatch_messages_rejected_total Client messages refused, by error code \
+             (rate limiting has its own metric).\n\
+             # TYPE skywatch_messages_rejected_total counter"
+        );
+        for (code, count) in REJECTION_CODES.iter().zip(&self.rejected) {
+            let _ = writeln!(
+                out,
+                "skywatch_messages_rejected_total{{code=\"{code}\"}} {}",
+                count.get()
+            );
+        }
+        counter(
+            &mut out,
+            "skywatch_alerts_rate_limited_total",
+            "Alerts refused because their client sent too many.",
+            self.alerts_rate_limited.get(),
+        );
+        counter(
+            &mut out,
+            "skywatch_slow_clients_dropped_total",
+            "Clients disconnected because they stopped reading.",
+            self.slow_clients_dropped.get(),
+        );
+        counter(
+            &mut out,
+            "skywatch_publish_errors_total",
+            "Failed publish calls to the broker (each retry counts).",
+            self.publish_errors.get(),
+        );
+        counter(
+            &mut out,
+            "skywatch_pull_errors_total",
+            "Failed pull calls to the broker (each retry counts).",
+            self.pull_errors.get(),
+        );
+        histogram(
+            &mut out,
+            "skywatch_publish_duration_seconds",
+            "Duration of publish calls to Pub/Sub.",
+            &self.publish_duration,
+        );
+        histogram(
+            &mut out,
+            "skywatch_pull_duration_seconds",
+            "Duration of pull calls to Pub/Sub (long polls: held until a message or about 90 s).",
+            &self.pull_duration,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP skywatch_build_info The running build; always 1.\n\
+             # TYPE skywatch_build_info gauge\n\
+             skywatch_build_info{{version=\"{}\",broker=\"{}\",region=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION"),
+            label_value(broker),
+            label_value(region),
+        );
+        out
+    }
+}
+
+fn counter(out: &mut String, name: &str, help: &str, value: u64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
+    );
+}
+
+fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}"
+    );
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (bound, bucket) in BOUNDS.iter().zip(&h.buckets) {
+        cumulative += bucket.load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    cumulative += h.over.load(Ordering::Relaxed);
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {cumulative}");
+    let sum = h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
+}
+
+/// A label value with `\`, `"` and newlines escaped, as the format requires.
+/// (Region codes come from the environment, so they are not trusted to be
+/// plain.)
+fn label_value(text: &str) -> String {
+    text.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_end_with_inf() {
+        let h = Histogram::new();
+        h.observe(Duration::from_micros(500));
+        h.observe(Duration::from_millis(20));
+        h.observe(Duration::from_secs(500));
+        let mut out = String::new();
+        histogram(&mut out, "x", "help", &h);
+        assert!(out.contains("x_bucket{le=\"0.001\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"0.025\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"100\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count 3\n"), "{out}");
+        assert!(out.contains("x_sum 500.0205\n"), "{out}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(label_value("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+
+    #[test]
+    fn every_metric_has_help_and_type() {
+        let m = Metrics::new();
+        m.rejected("rate_limited");
+        m.rejected("invalid_json");
+        m.rejected("no_such_code");
+        let text = m.render("local", "ams");
+        let mut typed = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed.insert(rest.split(' ').next().unwrap_or_default().to_owned());
+            }
+        }
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap_or_default();
+            let family = name
+                .strip_suffix("_bucket")
+                .or_else(|| name.strip_suffix("_sum"))
+                .or_else(|| name.strip_suffix("_count"))
+                .filter(|f| typed.contains(*f))
+                .unwrap_or(name);
+            assert!(typed.contains(family), "{name} has no # TYPE:\n{text}");
+        }
+        assert!(text.contains("skywatch_messages_rejected_total{code=\"invalid_json\"} 1"));
+        assert!(!text.contains("code=\"rate_limited\""));
+        assert!(text.contains("skywatch_alerts_rate_limited_total 1"));
+    }
+}
