@@ -187,4 +187,13 @@ fn stuck_client_is_dropped_without_delaying_others() {
     assert_eq!(fresh.next_alert()["timestamp"].as_u64(), Some(N));
     assert_eq!(sender.next_alert()["timestamp"].as_u64(), Some(N));
     eprintln!("{N} alerts fanned out in {elapsed:?}");
+
+    // /metrics counted the drop, and only that one.
+    let metrics = support::get(server.addr, "/metrics").body_text();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "skywatch_slow_clients_dropped_total 1"),
+        "{metrics}"
+    );
 }
