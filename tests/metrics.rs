@@ -103,10 +103,12 @@ fn counters_follow_clients_alerts_and_refusals() {
     a.send_text(r#"{"message":"HELLO"}"#);
     a.expect_error("unknown_message");
 
+    // Counters move just after the work they count (a delivery can reach
+    // its client before its thread has counted it): wait for them.
+    wait_value(&server, "skywatch_alerts_received_total", 1.0);
+    wait_value(&server, "skywatch_alerts_published_total", 1.0);
+    wait_value(&server, "skywatch_alerts_delivered_total", 2.0);
     let after = scrape(&server);
-    assert_eq!(value(&after, "skywatch_alerts_received_total"), 1.0);
-    assert_eq!(value(&after, "skywatch_alerts_published_total"), 1.0);
-    assert_eq!(value(&after, "skywatch_alerts_delivered_total"), 2.0);
     assert_eq!(value(&after, "skywatch_alerts_rate_limited_total"), 1.0);
     for (code, n) in [
         ("invalid_json", 1.0),
@@ -155,6 +157,7 @@ fn pubsub_calls_are_timed_and_their_errors_counted() {
     // The publisher counts its success after Pub/Sub answers, which can be
     // after the puller has already delivered the alert.
     wait_value(&server, "skywatch_alerts_published_total", 1.0);
+    wait_value(&server, "skywatch_alerts_delivered_total", 1.0);
     let samples = scrape(&server);
     let errors = value(&samples, "skywatch_publish_errors_total")
         + value(&samples, "skywatch_pull_errors_total");
@@ -168,8 +171,6 @@ fn pubsub_calls_are_timed_and_their_errors_counted() {
         ),
         value(&samples, "skywatch_publish_duration_seconds_count")
     );
-    let deliveries = value(&samples, "skywatch_alerts_delivered_total");
-    assert_eq!(deliveries, 1.0, "one client, one alert");
 }
 
 #[test]
