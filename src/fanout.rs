@@ -115,6 +115,7 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
         presence: settings.presence.map(|settings| Watchers {
             book: Presence::new(settings.interval),
             next_beat: Instant::now(),
+            counted: None,
             settings,
         }),
         clients: HashMap::new(),
@@ -176,6 +177,9 @@ struct Watchers {
     settings: PresenceSettings,
     book: Presence,
     next_beat: Instant,
+    /// This instance's count as last written into `book`: the fan-out looks
+    /// after every event, and only a change costs anything.
+    counted: Option<usize>,
 }
 
 impl Watchers {
@@ -184,6 +188,14 @@ impl Watchers {
             instance: self.settings.instance.clone(),
             region: self.settings.region.clone(),
             clients: clients as u64,
+        }
+    }
+
+    /// Puts this instance's client count into the picture when it changed.
+    fn count_own(&mut self, clients: usize, now: Instant) {
+        if self.counted != Some(clients) {
+            self.counted = Some(clients);
+            self.book.record(self.own(clients), now);
         }
     }
 }
@@ -230,9 +242,7 @@ impl Hub {
                     // This instance's count includes the newcomer at once,
                     // and the newcomer sees the picture without waiting for
                     // the next update.
-                    watchers
-                        .book
-                        .record(watchers.own(self.clients.len() + 1), now);
+                    watchers.count_own(self.clients.len() + 1, now);
                     let picture = text_frame(watchers.book.message());
                     sent = sent.and_then(|()| client.send(&picture, now, &self.limits));
                 }
@@ -396,23 +406,23 @@ impl Hub {
         }
     }
 
-    /// Sends this instance's heartbeat every interval, forgets silent
-    /// instances, and tells clients when the picture changed (at most once
-    /// per interval: `Presence::due`).
+    /// Keeps this instance's count current, sends its heartbeat and forgets
+    /// silent instances once per interval, and tells clients when the
+    /// picture changed (at most once per interval: `Presence::due`).
     fn presence_update(&mut self, now: Instant) {
         let clients = self.clients.len();
         let Some(watchers) = &mut self.presence else {
             return;
         };
-        watchers.book.record(watchers.own(clients), now);
+        watchers.count_own(clients, now);
         if now >= watchers.next_beat {
             watchers.next_beat = now + watchers.settings.interval;
-            watchers
-                .settings
-                .broker
-                .publish_presence(watchers.own(clients));
+            let beat = watchers.own(clients);
+            // Recorded here too, so this instance never looks silent.
+            watchers.book.record(beat.clone(), now);
+            watchers.settings.broker.publish_presence(beat);
+            watchers.book.expire(now);
         }
-        watchers.book.expire(now);
         if let Some(message) = watchers.book.due(now) {
             self.send_to_all(&text_frame(message));
         }
@@ -472,7 +482,7 @@ fn replay(
 }
 
 /// A complete text frame carrying `text`.
-fn text_frame(text: String) -> Vec<u8> {
+pub fn text_frame(text: String) -> Vec<u8> {
     encode(Frame::message(text, OpCode::Data(Data::Text), true))
 }
 

@@ -19,8 +19,7 @@ use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
-use tungstenite::protocol::frame::Frame;
-use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::frame::coding::CloseCode;
 use tungstenite::protocol::{Role, WebSocketConfig};
 use tungstenite::{Error as WsError, Message, WebSocket};
 
@@ -50,12 +49,7 @@ pub struct SessionContext {
 
 /// The encoded `CONNECTED` frame for this instance's clients.
 pub fn greeting_frame(region: &str) -> Arc<[u8]> {
-    fanout::encode(Frame::message(
-        message::connected(region),
-        OpCode::Data(Data::Text),
-        true,
-    ))
-    .into()
+    fanout::text_frame(message::connected(region)).into()
 }
 
 /// The socket's read side, as tungstenite sees it. Reads come from the

@@ -29,9 +29,9 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use pubsub_test_server::{Options, PubSubTestServer};
 use serde_json::{Value, json};
-use support::{Server, TempDir, connect_ready, get, tool};
+use support::{Server, TempDir, connect_ready, tool};
 
-const PROJECT: &str = "skywatch-test";
+const PROJECT: &str = support::PUBSUB_PROJECT;
 /// Bound for anything the browser must show: generous, because this machine
 /// has 2 cores shared by Chromium, three servers and other test binaries.
 const WAIT: Duration = Duration::from_secs(30);
@@ -554,19 +554,14 @@ fn publish_screenshot(from: &Path, name: &str) {
 
 /// The environment of an instance using `ts` as its Pub/Sub emulator.
 fn emulator_env(ts: &PubSubTestServer, alloc: &str, region: &str) -> Vec<(String, String)> {
-    vec![
-        ("PUBSUB_EMULATOR_HOST".into(), ts.addr().to_string()),
-        ("PUBSUB_PROJECT_ID".into(), PROJECT.into()),
-        ("FLY_ALLOC_ID".into(), alloc.into()),
-        ("FLY_REGION".into(), region.into()),
-        // Watcher counts cross instances within a second, not fifteen.
-        ("PRESENCE_INTERVAL_SECS".into(), "1".into()),
-    ]
+    let mut env = support::emulator_env(ts.addr(), alloc, region);
+    // Watcher counts cross instances within a second, not fifteen.
+    env.push(("PRESENCE_INTERVAL_SECS".into(), "1".into()));
+    env
 }
 
 fn start(envs: &[(String, String)]) -> Server {
-    let pairs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    let server = Server::start(&pairs);
+    let server = Server::start_owned(envs);
     assert!(
         server.logs().contains("broker: pubsub, "),
         "Pub/Sub was not chosen:\n{}",
@@ -586,19 +581,7 @@ fn wait_ready(ts: &PubSubTestServer, server: &Server, alloc: &str) {
         ts.subscriptions(),
         server.logs()
     );
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let status = get(server.addr, "/readyz").status;
-        if status == 200 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz still {status} {WAIT:?} after {sub} was created\n{}",
-            server.logs()
-        );
-        thread::sleep(POLL);
-    }
+    server.wait_ready(WAIT);
 }
 
 // ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -67,24 +68,32 @@ fn fly_duration(text: &str) -> Duration {
     parsed.unwrap_or_else(|| panic!("not a Fly duration: {text:?}"))
 }
 
-/// The server's own default for `variable`, from `skywatch --help` (which is
-/// generated from the same table the configuration is read with).
-fn default_of(variable: &str) -> String {
+/// Every variable the server reads, with its default, from `skywatch --help`
+/// (generated from the same table the configuration is read with).
+fn server_defaults() -> BTreeMap<String, String> {
     let help = run_to_exit(&["--help"], &[]);
     assert!(help.status.success(), "--help failed: {}", help.stderr);
-    let mut lines = help.stdout.lines();
-    while let Some(line) = lines.next() {
-        if line.split_whitespace().next() == Some(variable) {
-            let default = lines.next().unwrap_or_default().trim();
-            if let Some(value) = default.strip_prefix("default: ") {
-                return value.to_owned();
-            }
-        }
-    }
-    panic!(
-        "`skywatch --help` shows no default for {variable}:\n{}",
+    let lines: Vec<&str> = help.stdout.lines().collect();
+    let defaults: BTreeMap<String, String> = lines
+        .windows(2)
+        .filter_map(|pair| {
+            let value = pair[1].trim().strip_prefix("default: ")?;
+            let variable = pair[0].split_whitespace().next()?;
+            Some((variable.to_owned(), value.to_owned()))
+        })
+        .collect();
+    assert!(
+        defaults.len() > 10,
+        "`skywatch --help` lists no variables:\n{}",
         help.stdout
     );
+    defaults
+}
+
+fn default_of<'a>(defaults: &'a BTreeMap<String, String>, variable: &str) -> &'a str {
+    defaults
+        .get(variable)
+        .unwrap_or_else(|| panic!("`skywatch --help` shows no default for {variable}"))
 }
 
 fn env_section(fly: &Table) -> Vec<(String, String)> {
@@ -151,7 +160,10 @@ fn fly_internal_port_is_the_port_the_server_listens_on() {
     let port = env_section(&fly)
         .into_iter()
         .find(|(k, _)| k == "PORT")
-        .map_or_else(|| default_of("PORT"), |(_, v)| v);
+        .map_or_else(
+            || default_of(&server_defaults(), "PORT").to_owned(),
+            |(_, v)| v,
+        );
     assert_eq!(
         port,
         internal.to_string(),
@@ -169,17 +181,17 @@ fn fly_env_and_limits_agree_with_the_code() {
     let env = env_section(&fly);
     // Every [env] variable is one the server reads (a typo would be ignored
     // silently on Fly), and the topic is the code's default one.
-    let help = run_to_exit(&["--help"], &[]).stdout;
+    let defaults = server_defaults();
     for (k, _) in &env {
         assert!(
-            help.lines().any(|l| l.split_whitespace().next() == Some(k)),
+            defaults.contains_key(k),
             "fly.toml [env] sets {k}, which the server does not read"
         );
     }
     let topic = env.iter().find(|(k, _)| k == "PUBSUB_TOPIC");
     assert_eq!(
         topic.map(|(_, v)| v.clone()),
-        Some(default_of("PUBSUB_TOPIC")),
+        Some(default_of(&defaults, "PUBSUB_TOPIC").to_owned()),
         "[env] PUBSUB_TOPIC"
     );
 
@@ -194,7 +206,10 @@ fn fly_env_and_limits_agree_with_the_code() {
     let max_connections: i64 = env
         .iter()
         .find(|(k, _)| k == "MAX_CONNECTIONS")
-        .map_or_else(|| default_of("MAX_CONNECTIONS"), |(_, v)| v.clone())
+        .map_or_else(
+            || default_of(&defaults, "MAX_CONNECTIONS").to_owned(),
+            |(_, v)| v.clone(),
+        )
         .parse()
         .expect("MAX_CONNECTIONS is a number");
     assert!(
@@ -220,17 +235,8 @@ fn fly_env_and_limits_agree_with_the_code() {
 
 #[test]
 fn readme_lists_every_variable_the_server_reads() {
-    let help = run_to_exit(&["--help"], &[]).stdout;
-    let variables: Vec<&str> = help
-        .lines()
-        .filter(|l| l.starts_with("  ") && !l.starts_with("   "))
-        .filter_map(|l| l.split_whitespace().next())
-        .filter(|w| w.chars().all(|c| c.is_ascii_uppercase() || c == '_'))
-        .collect();
-    assert!(variables.len() > 10, "--help lists no variables:\n{help}");
     let readme = read("README.md");
-    for variable in variables {
-        let default = default_of(variable);
+    for (variable, default) in server_defaults() {
         let row = readme
             .lines()
             .find(|l| l.starts_with(&format!("| `{variable}` |")))

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::{Duration, Instant};
 
 use pubsub_test_server::{Options, PubSubTestServer};
-use support::{Server, get};
+use support::{Server, emulator_env, get};
 
 /// The samples, by series (name plus labels), after checking that every
 /// family has `# HELP` and `# TYPE`.
@@ -130,23 +130,11 @@ fn counters_follow_clients_alerts_and_refusals() {
 #[test]
 fn pubsub_calls_are_timed_and_their_errors_counted() {
     let ts = PubSubTestServer::start(Options::default()).expect("start the Pub/Sub test server");
-    let host = ts.addr().to_string();
-    let server = Server::start(&[
-        ("PUBSUB_EMULATOR_HOST", host.as_str()),
-        ("PUBSUB_PROJECT_ID", "skywatch-test"),
-        ("FLY_ALLOC_ID", "aaaa0009"),
-        // No heartbeats: the publish counts below are the alert's alone.
-        ("PRESENCE_INTERVAL_SECS", "0"),
-    ]);
-    // /readyz has no event to wait on: poll it.
-    let ready = (0..500).any(|_| {
-        let ok = get(server.addr, "/readyz").status == 200;
-        if !ok {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        ok
-    });
-    assert!(ready, "not ready:\n{}", server.logs());
+    let mut env = emulator_env(ts.addr(), "aaaa0009", "ams");
+    // No heartbeats: the publish counts below are the alert's alone.
+    env.push(("PRESENCE_INTERVAL_SECS".into(), "0".into()));
+    let server = Server::start_owned(&env);
+    server.wait_ready(Duration::from_secs(10));
     assert!(ts.wait_for(Duration::from_secs(5), |s| s.held_pulls() >= 1));
 
     let mut c = server.client();

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use pubsub_test_server::{Options, PubSubTestServer};
 use serde_json::{Value, json};
-use support::{Client, Server, get};
+use support::{Client, Server, emulator_env};
 
 /// One second between heartbeats keeps the tests short.
 const INTERVAL: Duration = Duration::from_secs(1);
@@ -127,29 +127,15 @@ fn a_client_cannot_send_presence() {
 #[test]
 fn instances_share_their_counts_and_forget_one_that_vanished() {
     let ts = PubSubTestServer::start(Options::default()).expect("start the Pub/Sub test server");
-    let host = ts.addr().to_string();
     let start = |alloc: &str, region: &str| {
-        Server::start(&[
-            ("PUBSUB_EMULATOR_HOST", host.as_str()),
-            ("PUBSUB_PROJECT_ID", "skywatch-test"),
-            ("FLY_ALLOC_ID", alloc),
-            ("FLY_REGION", region),
-            ("PRESENCE_INTERVAL_SECS", "1"),
-        ])
+        let mut env = emulator_env(ts.addr(), alloc, region);
+        env.push(("PRESENCE_INTERVAL_SECS".into(), "1".into()));
+        Server::start_owned(&env)
     };
     let a = start("aaaa0008", "ams");
     let mut b = start("bbbb0008", "syd");
-    for server in [&a, &b] {
-        // /readyz has no event to wait on: poll it.
-        let ready = (0..500).any(|_| {
-            let ok = get(server.addr, "/readyz").status == 200;
-            if !ok {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            ok
-        });
-        assert!(ready, "not ready:\n{}", server.logs());
-    }
+    a.wait_ready(Duration::from_secs(10));
+    b.wait_ready(Duration::from_secs(10));
 
     let mut on_a = a.client();
     let _also_on_a = a.client();

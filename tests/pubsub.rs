@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 use support::{Client, Finished, Server, TempDir, get, key_set, keys, run_to_exit};
 use tungstenite::{Error as WsError, Message};
 
-const PROJECT: &str = "skywatch-test";
+const PROJECT: &str = support::PUBSUB_PROJECT;
 const TOPIC: &str = "projects/skywatch-test/topics/ALIEN_NOTIFICATIONS";
 const EMAIL: &str = "skywatch@skywatch-test.iam.gserviceaccount.com";
 /// Bound for an instance to create its topic and subscription.
@@ -44,11 +44,8 @@ fn test_server(opts: Options) -> PubSubTestServer {
 
 /// The environment of an instance using `ts` as an emulator.
 fn emulator_env(ts: &PubSubTestServer, alloc: &str, region: &str) -> Vec<(String, String)> {
-    vec![
-        ("PUBSUB_EMULATOR_HOST".into(), ts.addr().to_string()),
-        ("PUBSUB_PROJECT_ID".into(), PROJECT.into()),
-        ("FLY_ALLOC_ID".into(), alloc.into()),
-        ("FLY_REGION".into(), region.into()),
+    let mut env = support::emulator_env(ts.addr(), alloc, region);
+    env.extend([
         // Rate limiting is tested elsewhere; keep it out of the way.
         ("ALERTS_PER_SECOND".into(), "1000".into()),
         ("ALERT_BURST".into(), "1000".into()),
@@ -56,16 +53,12 @@ fn emulator_env(ts: &PubSubTestServer, alloc: &str, region: &str) -> Vec<(String
         // and calls, so they run without them (tests/presence.rs has
         // heartbeats through Pub/Sub).
         ("PRESENCE_INTERVAL_SECS".into(), "0".into()),
-    ]
-}
-
-fn start(envs: &[(String, String)]) -> Server {
-    let pairs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
-    Server::start(&pairs)
+    ]);
+    env
 }
 
 fn start_emulated(ts: &PubSubTestServer, alloc: &str, region: &str) -> Server {
-    let server = start(&emulator_env(ts, alloc, region));
+    let server = Server::start_owned(&emulator_env(ts, alloc, region));
     assert!(
         server.logs().contains("broker: pubsub, "),
         "Pub/Sub was not chosen:\n{}",
@@ -92,19 +85,7 @@ fn wait_subscribed(ts: &PubSubTestServer, server: &Server, sub: &str) {
         ts.requests(),
         server.logs()
     );
-    let deadline = Instant::now() + SUBSCRIBE_TIMEOUT;
-    loop {
-        let status = readyz(server);
-        if status == 200 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "/readyz still {status} {SUBSCRIBE_TIMEOUT:?} after {sub} was created\n{}",
-            server.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    server.wait_ready(SUBSCRIBE_TIMEOUT);
 }
 
 /// Reads the next message within `within` and checks it is the alert with
@@ -262,7 +243,7 @@ fn alert_reaches_every_client_of_three_instances_exactly_once() {
     let mut b_env = emulator_env(&ts, "bbbb2222", "syd");
     b_env.retain(|(k, _)| k != "PUBSUB_PROJECT_ID");
     b_env.push(("GOOGLE_CLOUD_PROJECT".into(), PROJECT.into()));
-    let b = start(&b_env);
+    let b = Server::start_owned(&b_env);
     wait_subscribed(&ts, &b, &subscription("bbbb2222"));
     assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 2));
     let c = start_emulated(&ts, "cccc3333", "sin");
@@ -533,7 +514,7 @@ fn key_file_tokens_are_cached_and_refreshed_after_a_401() {
         "GOOGLE_APPLICATION_CREDENTIALS".into(),
         path.display().to_string(),
     ));
-    let server = start(&env);
+    let server = Server::start_owned(&env);
     assert!(
         server
             .logs()
@@ -655,7 +636,7 @@ fn tokens_are_renewed_ahead_of_expiry_and_claim_what_google_requires() {
         "GOOGLE_SERVICE_ACCOUNT_JSON".into(),
         service_account_json(&key, PROJECT, EMAIL, &ts.token_uri()),
     ));
-    let server = start(&env);
+    let server = Server::start_owned(&env);
     wait_subscribed(&ts, &server, &subscription("aaaa1117"));
 
     // Three renewals, each taken before the token in hand expired: the
@@ -688,7 +669,7 @@ fn inline_service_account_json_works() {
         "GOOGLE_SERVICE_ACCOUNT_JSON".into(),
         service_account_json(&key, PROJECT, EMAIL, &ts.token_uri()),
     ));
-    let server = start(&env);
+    let server = Server::start_owned(&env);
     assert!(
         server
             .logs()
@@ -1152,7 +1133,7 @@ fn immediate_empty_pulls_do_not_busy_loop() {
     });
     let mut env = emulator_env(&ts, "gggg7777", "ams");
     env.push(("PUBSUB_TOPIC".into(), "custom-alerts".into()));
-    let server = start(&env);
+    let server = Server::start_owned(&env);
     let topic = format!("projects/{PROJECT}/topics/custom-alerts");
     wait_subscribed(&ts, &server, &subscription("gggg7777"));
     assert!(ts.topics().contains(&topic), "{:?}", ts.topics());

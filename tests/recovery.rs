@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use pubsub_test_server::{Options, PubSubTestServer};
 use serde_json::Value;
-use support::{Client, Server, connect_since, get, http_raw, key_set, keys};
+use support::{Client, Server, connect_since, emulator_env, get, http_raw, key_set, keys};
 
 const FAST: [(&str, &str); 2] = [("ALERTS_PER_SECOND", "100000"), ("ALERT_BURST", "100000")];
 const REPLAYED_FIELDS: &[&str] = &[
@@ -146,27 +146,9 @@ fn a_malformed_since_is_a_400_and_harms_nothing() {
 // ---------------------------------------------------------------------------
 
 fn emulated(ts: &PubSubTestServer, alloc: &str, region: &str) -> Server {
-    let host = ts.addr().to_string();
-    Server::start(&[
-        ("PUBSUB_EMULATOR_HOST", host.as_str()),
-        ("PUBSUB_PROJECT_ID", "skywatch-test"),
-        ("FLY_ALLOC_ID", alloc),
-        ("FLY_REGION", region),
-        FAST[0],
-        FAST[1],
-    ])
-}
-
-/// Polls /readyz (it has no event to wait on) until the instance is ready.
-fn wait_ready(server: &Server) {
-    let ready = (0..500).any(|_| {
-        if get(server.addr, "/readyz").status == 200 {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        false
-    });
-    assert!(ready, "not ready:\n{}", server.logs());
+    let mut env = emulator_env(ts.addr(), alloc, region);
+    env.extend(FAST.map(|(k, v)| (k.to_owned(), v.to_owned())));
+    Server::start_owned(&env)
 }
 
 #[test]
@@ -175,8 +157,8 @@ fn clients_of_an_instance_stopped_mid_burst_miss_nothing_on_another() {
     let ts = PubSubTestServer::start(Options::default()).expect("start the Pub/Sub test server");
     let a = emulated(&ts, "aaaa0007", "ams");
     let mut b = emulated(&ts, "bbbb0007", "syd");
-    wait_ready(&a);
-    wait_ready(&b);
+    a.wait_ready(Duration::from_secs(10));
+    b.wait_ready(Duration::from_secs(10));
     assert!(ts.wait_for(Duration::from_secs(5), |s| s.held_pulls() >= 2));
 
     let mut sender = a.client();

@@ -290,6 +290,12 @@ impl Server {
         Server::start_in(envs, None)
     }
 
+    /// [`Server::start`] with an environment of owned strings.
+    pub fn start_owned(envs: &[(String, String)]) -> Server {
+        let pairs: Vec<(&str, &str)> = envs.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        Server::start(&pairs)
+    }
+
     /// Like [`Server::start`], with the child's working directory set to
     /// `cwd` when given.
     pub fn start_in(envs: &[(&str, &str)], cwd: Option<&Path>) -> Server {
@@ -342,6 +348,38 @@ impl Server {
     pub fn client(&self) -> Client {
         connect_ready(self.addr)
     }
+
+    /// Polls `/readyz` until it answers 200 (readiness has no event to wait
+    /// on), panicking with the server's log after `within`.
+    pub fn wait_ready(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let status = get(self.addr, "/readyz").status;
+            if status == 200 {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz still {status} after {within:?}\n{}",
+                self.logs()
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// The project every Pub/Sub test uses.
+pub const PUBSUB_PROJECT: &str = "skywatch-test";
+
+/// The environment that joins an instance to the Pub/Sub emulator (or test
+/// server) at `emulator`, as `alloc` in `region`.
+pub fn emulator_env(emulator: SocketAddr, alloc: &str, region: &str) -> Vec<(String, String)> {
+    vec![
+        ("PUBSUB_EMULATOR_HOST".into(), emulator.to_string()),
+        ("PUBSUB_PROJECT_ID".into(), PUBSUB_PROJECT.into()),
+        ("FLY_ALLOC_ID".into(), alloc.into()),
+        ("FLY_REGION".into(), region.into()),
+    ]
 }
 
 /// Finds `listening on http://ADDR` in `text` and parses ADDR.
