@@ -11,7 +11,11 @@ use pubsub_test_server::{Options, PubSubTestServer};
 use serde_json::Value;
 use support::{Client, Server, connect_since, emulator_env, get, http_raw, key_set, keys};
 
-const FAST: [(&str, &str); 2] = [("ALERTS_PER_SECOND", "100000"), ("ALERT_BURST", "100000")];
+const FAST: [(&str, &str); 3] = [
+    ("ALERTS_PER_SECOND", "100000"),
+    ("ALERT_BURST", "100000"),
+    ("STORM_ALERTS_PER_SECOND", "100000"),
+];
 const REPLAYED_FIELDS: &[&str] = &[
     "message",
     "timestamp",
@@ -159,7 +163,8 @@ fn clients_of_an_instance_stopped_mid_burst_miss_nothing_on_another() {
     let mut b = emulated(&ts, "bbbb0007", "syd");
     a.wait_ready(Duration::from_secs(10));
     b.wait_ready(Duration::from_secs(10));
-    assert!(ts.wait_for(Duration::from_secs(5), |s| s.held_pulls() >= 2));
+    assert!(ts.wait_for(Duration::from_secs(5), |s| s.held_pulls()
+        >= 2 * support::OUTSTANDING_PULLS));
 
     let mut sender = a.client();
     let mut watcher = b.client();
