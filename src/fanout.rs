@@ -286,19 +286,20 @@ impl Hub {
                     pinged_at: None,
                     closing: false,
                 };
-                let mut sent = client.send(&greeting, now, &self.limits);
+                // The greeting, what a returning client missed, and the
+                // presence picture, in one write.
+                let mut frames = greeting.to_vec();
+                if let Some(since) = since {
+                    frames.extend(replay(&self.recent, &since));
+                }
                 if let Some(watchers) = &mut self.presence {
                     // This instance's count includes the newcomer at once,
                     // and the newcomer sees the picture without waiting for
                     // the next update.
                     watchers.count_own(self.clients.len() + 1, now);
-                    let picture = text_frame(watchers.book.message());
-                    sent = sent.and_then(|()| client.send(&picture, now, &self.limits));
+                    frames.extend(text_frame(watchers.book.message()));
                 }
-                if let Some(since) = since {
-                    let frames = replay(&self.recent, &since);
-                    sent = sent.and_then(|()| client.send(&frames, now, &self.limits));
-                }
+                let sent = client.send(&frames, now, &self.limits);
                 let sent = sent.and_then(|()| match self.stopping {
                     Some(_) => client.close(&self.going_away, now, &self.limits),
                     None => Ok(()),

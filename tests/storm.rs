@@ -343,13 +343,16 @@ fn a_client_can_come_back_after_a_summary_and_gets_what_followed() {
     assert!(second["from"].as_u64() >= first["to"].as_u64());
 
     let first_id = first["id"].as_str().unwrap();
-    let mut back = connect_since(server.addr, first_id);
-    let replayed = back.next_json();
+    let mut back = connect_since(server.addr, first_id).with_presence();
+    let replayed = back.next_message_until(Instant::now() + support::TIMEOUT);
     assert_eq!(replayed["message"], "ALIEN_LANDING_SUMMARY", "{replayed}");
     assert_eq!(replayed["id"], second["id"]);
     assert_eq!(replayed["count"], 1);
     assert_eq!(replayed["replayed"], true);
     assert_eq!(replayed["regions"], json!({"ams": 1}));
+    // Then the current watcher count, then the live stream.
+    back.next_presence(support::TIMEOUT);
+    back.presence = false;
     assert_quiet([&mut back], 50);
 }
 
