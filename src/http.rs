@@ -33,7 +33,7 @@ const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Connections allowed beyond MAX_CONNECTIONS for requests that are not (yet)
 /// WebSockets: health checks and page loads keep working on a full server,
 /// while the number of threads stays bounded.
-const EXTRA_CONNECTIONS: usize = 256;
+const EXTRA_CONNECTIONS: usize = crate::limits::EXTRA_CONNECTIONS as usize;
 
 /// Connections that have not sent their whole request yet. Fewer than
 /// [`EXTRA_CONNECTIONS`], so sockets that never speak cannot take every

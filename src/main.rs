@@ -76,7 +76,15 @@ fn run(config: Config) -> Result<(), String> {
         .map_err(|err| format!("cannot install signal handlers: {err}"))?;
     let listener = TcpListener::bind((config.host, config.port))
         .map_err(|err| format!("cannot listen on {}:{}: {err}", config.host, config.port))?;
-    let max_connections = config.max_connections.unwrap_or(10_000);
+    // What this machine holds, unless MAX_CONNECTIONS says otherwise.
+    let capacity = limits::capacity();
+    let max_connections = match config.max_connections {
+        Some(n) => n,
+        None => {
+            info!("{capacity}");
+            capacity.max_connections
+        }
+    };
 
     // broker --deliveries--> fan-out <--events-- socket threads
     // (the Pub/Sub broker adds its own publisher and puller threads)
@@ -117,7 +125,7 @@ fn run(config: Config) -> Result<(), String> {
             // A quarter of every client at its own limit, within what the
             // machine's memory set aside for backlogs.
             max_total_backlog: (max_connections.saturating_mul(MAX_BACKLOG) / 4)
-                .min(16 * 1024 * 1024),
+                .min(capacity.backlog_budget as usize),
         },
         recovery_alerts: config.recovery_alerts,
         storm_alerts_per_second: config.storm_alerts_per_second,

@@ -619,6 +619,8 @@ fn emulator_env(ts: &PubSubTestServer, alloc: &str, region: &str) -> Vec<(String
     // person may.
     env.push(("ALERT_BURST".into(), "1000".into()));
     env.push(("ALERTS_PER_SECOND".into(), "1000".into()));
+    env.push(("ADDRESS_ALERT_BURST".into(), "1000".into()));
+    env.push(("ADDRESS_ALERTS_PER_SECOND".into(), "1000".into()));
     env
 }
 
@@ -1200,6 +1202,8 @@ fn storm_run(driver: &Driver, name: &'static str, storm_rate: Option<&str>, roun
         // The test's clients press far faster than any person may.
         ("ALERT_BURST", limit.as_str()),
         ("ALERTS_PER_SECOND", limit.as_str()),
+        ("ADDRESS_ALERT_BURST", limit.as_str()),
+        ("ADDRESS_ALERTS_PER_SECOND", limit.as_str()),
     ];
     if let Some(rate) = storm_rate {
         env.push(("STORM_ALERTS_PER_SECOND", rate));
@@ -1696,6 +1700,8 @@ fn local_page_names_regions_reports_refusals_and_shows_text_as_text() {
         ("FLY_REGION", code),
         ("ALERT_BURST", "100"),
         ("ALERTS_PER_SECOND", "100"),
+        ("ADDRESS_ALERT_BURST", "100"),
+        ("ADDRESS_ALERTS_PER_SECOND", "100"),
     ]);
     page.goto(&format!("http://{}/", odd.addr));
     page.wait_connected(&format!("in {code}"), WAIT);
