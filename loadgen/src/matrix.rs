@@ -12,14 +12,25 @@
 //!    v1's memory controller is not writable);
 //! 5. three instances through the Pub/Sub test server, 1,000 clients
 //!    (×runs): the broker path's added latency;
-//! 6. the kernel's floor for one send per client per alert (see `floor.rs`).
+//! 6. one instance through a Pub/Sub test server whose empty pulls answer at
+//!    once (`--pulls-return-immediately`, like some emulators), 1,000 clients
+//!    (×runs): what busy pulling does to the latency;
+//! 7. storms (see `storm.rs`): one instance, 4,000 clients all pressing;
+//!    one instance, 2,000 clients of which 500 press; three instances
+//!    through the Pub/Sub test server, 1,000 clients each, all pressing;
+//! 8. the kernel's floor for one send per client per alert (see `floor.rs`).
+//!
+//! Rows 6 and 7 need a server and test server that know storms and
+//! `--pulls-return-immediately`; where a row cannot run, the section says
+//! why instead of stopping the matrix.
 
 use crate::bench::{self, Report, Setup};
 use crate::floor;
 use crate::procfs;
-use crate::report::ms;
+use crate::report::{ms, thousands};
 use crate::scenario::{Outcome, Plan};
 use crate::stats::median;
+use crate::storm::{StormOutcome, StormPlan};
 use std::fmt::Write as _;
 use std::fs;
 use std::time::{Duration, Instant};
@@ -106,6 +117,19 @@ pub fn main(args: &[String]) -> Result<(), String> {
         &pubsub,
         &plan(1000, 2),
     )?);
+    let mut skipped = Vec::new();
+    let immediate = Setup {
+        instances: 1,
+        pubsub: true,
+        pubsub_args: vec!["--pulls-return-immediately".into()],
+        ..Setup::default()
+    };
+    match repeat(IMMEDIATE_PULLS, runs, &immediate, &plan(1000, 2)) {
+        Ok(row) => rows.push(row),
+        Err(why) => skipped.push(format!("{IMMEDIATE_PULLS}: {why}")),
+    }
+
+    let storms = storm_rows(runs, &mut skipped);
 
     let cgroup = match bench::cgroup_available() {
         Ok(()) => Some(cgroup_runs(&plan(1000, 1))?),
@@ -119,6 +143,8 @@ pub fn main(args: &[String]) -> Result<(), String> {
 
     let markdown = render(&Rendering {
         rows: &rows,
+        storms: &storms,
+        skipped: &skipped,
         cgroup: cgroup.as_ref(),
         floor_us,
         command: &command,
@@ -130,6 +156,103 @@ pub fn main(args: &[String]) -> Result<(), String> {
         None => print!("{markdown}"),
     }
     Ok(())
+}
+
+/// The row through a test server whose empty pulls answer at once.
+const IMMEDIATE_PULLS: &str =
+    "Pub/Sub test server, pulls return at once, 1 instance, 1,000 clients";
+
+/// A storm row: one setup, run a few times.
+struct StormRow {
+    name: &'static str,
+    reports: Vec<Report<StormOutcome>>,
+}
+
+impl StormRow {
+    fn outcomes(&self) -> impl Iterator<Item = &StormOutcome> {
+        self.reports.iter().map(|r| &r.outcome)
+    }
+
+    fn median_of(&self, f: impl Fn(&StormOutcome) -> f64) -> f64 {
+        median(&self.outcomes().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    }
+
+    fn worst(&self, f: impl Fn(&StormOutcome) -> u64) -> u64 {
+        self.outcomes().map(f).max().unwrap_or(0)
+    }
+
+    fn completion(&self, f: impl Fn(&crate::stats::Percentiles) -> u32) -> String {
+        // A run where some client never got every press has no "every
+        // client by" time: the row says so rather than take the others'.
+        if self.worst(|o| o.short as u64) > 0 {
+            return "never".into();
+        }
+        let values: Vec<f64> = self
+            .outcomes()
+            .filter_map(|o| o.completion.as_ref().map(|p| ms(f(p))))
+            .collect();
+        match median(&values) {
+            Some(v) => format!("{v:.1} ms"),
+            None => "never".into(),
+        }
+    }
+}
+
+/// The storms of issue 7's targets, at the server's default storm settings.
+fn storm_rows(runs: usize, skipped: &mut Vec<String>) -> Vec<StormRow> {
+    let one = Setup {
+        instances: 1,
+        default_rate_limits: true,
+        ..Setup::default()
+    };
+    let three = Setup {
+        instances: 3,
+        pubsub: true,
+        ..one.clone()
+    };
+    let storm = |clients: usize, pressers: usize| StormPlan {
+        clients,
+        pressers: Some(pressers),
+        ..StormPlan::default()
+    };
+    let setups: [(&'static str, &Setup, StormPlan); 3] = [
+        (
+            "1 instance, 4,000 clients, all press",
+            &one,
+            storm(4000, 4000),
+        ),
+        (
+            "1 instance, 2,000 clients, 500 press",
+            &one,
+            storm(2000, 500),
+        ),
+        (
+            "Pub/Sub test server, 3 instances, 1,000 clients each, all press",
+            &three,
+            storm(3000, 3000),
+        ),
+    ];
+    let mut rows = Vec::new();
+    for (name, setup, plan) in setups {
+        let mut reports = Vec::new();
+        for run in 1..=runs.max(1) {
+            eprintln!("storm, {name}: run {run} of {runs}");
+            match bench::storm(setup, &plan) {
+                Ok(report) => {
+                    eprint!("{}", crate::report::storm_text(&report));
+                    reports.push(report);
+                }
+                Err(why) => {
+                    skipped.push(format!("storm, {name}: {why}"));
+                    break;
+                }
+            }
+        }
+        if !reports.is_empty() {
+            rows.push(StormRow { name, reports });
+        }
+    }
+    rows
 }
 
 /// A row of the matrix: one setup, run a few times.
@@ -216,6 +339,9 @@ fn cgroup_runs(plan: &crate::scenario::Plan) -> Result<CgroupRuns, String> {
 
 struct Rendering<'a> {
     rows: &'a [Row],
+    storms: &'a [StormRow],
+    /// Rows that could not run, and why.
+    skipped: &'a [String],
     cgroup: Option<&'a CgroupRuns>,
     floor_us: f64,
     command: &'a str,
@@ -301,7 +427,10 @@ fn render(r: &Rendering<'_>) -> String {
         );
     }
     let local = r.rows.iter().find(|row| row.name == "local, 1,000 clients");
-    let pubsub = r.rows.iter().find(|row| row.name.starts_with("Pub/Sub"));
+    let pubsub = r
+        .rows
+        .iter()
+        .find(|row| row.name == "Pub/Sub test server, 3 instances, 1,000 clients");
     if let (Some(local), Some(pubsub)) = (local, pubsub) {
         let _ = writeln!(
             out,
@@ -310,6 +439,18 @@ fn render(r: &Rendering<'_>) -> String {
             pubsub.latency(|p| p.min) - local.latency(|p| p.min),
             pubsub.latency(|p| p.p50) - local.latency(|p| p.p50),
             pubsub.latency(|p| p.p99) - local.latency(|p| p.p99),
+        );
+    }
+    let immediate = r.rows.iter().find(|row| row.name == IMMEDIATE_PULLS);
+    if let (Some(local), Some(immediate)) = (local, immediate) {
+        let _ = writeln!(
+            out,
+            "- Pulls that return at once (Pub/Sub test server `--pulls-return-immediately`, \
+             1 instance, against local with as many clients): +{:.2} ms min, +{:.2} ms p50, \
+             +{:.2} ms p99.",
+            immediate.latency(|p| p.min) - local.latency(|p| p.min),
+            immediate.latency(|p| p.p50) - local.latency(|p| p.p50),
+            immediate.latency(|p| p.p99) - local.latency(|p| p.p99),
         );
     }
     let _ = writeln!(
@@ -340,8 +481,124 @@ fn render(r: &Rendering<'_>) -> String {
             }
         }
     }
+    render_storms(&mut out, r.storms);
+    if !r.skipped.is_empty() {
+        let _ = writeln!(out);
+        for why in r.skipped {
+            let _ = writeln!(out, "- Not run: {}", why.replace('\n', " "));
+        }
+    }
     let _ = writeln!(out, "\n{END}");
     out
+}
+
+fn render_storms(out: &mut String, rows: &[StormRow]) {
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(out, "\n#### Storms\n");
+    let _ = writeln!(
+        out,
+        "Clients connect each from its own 127.0.x.y to servers with their default \
+         limits (ALERTS_PER_SECOND 1, ALERT_BURST 5, STORM_ALERTS_PER_SECOND 10, \
+         STORM_SUMMARY_MS 200); once settled, the pressers press once each, all \
+         written in one loop. A client accounts for a press when it gets its alert \
+         or a summary counting it; \"every client by\" is from the first press \
+         written until the last client had accounted for every accepted press, p50 \
+         and p99 over the clients. CPU is the servers' over that window; bytes are \
+         what a client read in it. Medians of the runs; refused, disconnected, short \
+         and over-counted: the worst run.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| setup | runs | clients | pressers | written in | accepted | refused | disconnected | every client by | p50 | p99 | short | over-counted | alerts + summaries per client | server CPU | bytes/s per client, max / mean | RSS connected | RSS after |"
+    );
+    let _ = writeln!(
+        out,
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+    );
+    for row in rows {
+        let refused = row.worst(|o| o.refused.values().sum());
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {:.1} ms | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} + {:.1} | {:.3} core-s | {:.0} / {:.0} B/s | {:.1} MiB | {:.1} MiB |",
+            row.name,
+            row.reports.len(),
+            thousands(row.median_of(|o| o.connected as f64) as u64),
+            thousands(row.median_of(|o| o.pressers as f64) as u64),
+            row.median_of(|o| o.send_time.as_secs_f64() * 1000.0),
+            thousands(row.median_of(|o| o.accepted as f64) as u64),
+            if refused == 0 {
+                "0".to_string()
+            } else {
+                let codes = row
+                    .reports
+                    .iter()
+                    .map(|r| crate::report::codes(&r.outcome.refused))
+                    .max_by_key(String::len)
+                    .unwrap_or_default();
+                format!("{} ({codes})", thousands(refused))
+            },
+            row.worst(|o| o.disconnected as u64),
+            row.completion(|p| p.max),
+            row.completion(|p| p.p50),
+            row.completion(|p| p.p99),
+            row.worst(|o| o.short as u64),
+            match row.worst(|o| o.over_counted as u64) {
+                0 => "0".to_string(),
+                n => format!("**{n} (bug)**"),
+            },
+            row.median_of(|o| o.alerts.mean),
+            row.median_of(|o| o.summaries.mean),
+            row.median_of(|o| o.cpu.cpu_ns as f64 / 1e9),
+            row.median_of(|o| o.bytes_per_second(o.bytes.max as f64)),
+            row.median_of(|o| o.bytes_per_second(o.bytes.mean)),
+            row.median_of(|o| o.rss_connected_kib as f64) / 1024.0,
+            row.median_of(|o| o.rss_after_kib as f64) / 1024.0,
+        );
+    }
+    let _ = writeln!(out);
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "- {}: {}",
+            row.name,
+            row.reports
+                .iter()
+                .map(storm_note)
+                .collect::<Vec<_>>()
+                .join("; ")
+        );
+    }
+}
+
+/// One storm run in a few words, for the notes under the table.
+fn storm_note(report: &Report<StormOutcome>) -> String {
+    let o = &report.outcome;
+    let mut note = format!(
+        "{} accepted, {} unanswered, every client by {}, {:.3} core-s",
+        thousands(o.accepted),
+        thousands(o.unanswered),
+        match (o.short, o.completion) {
+            (0, Some(p)) => format!("{:.1} ms", ms(p.max)),
+            _ => format!("never ({} short)", thousands(o.short as u64)),
+        },
+        o.cpu.cpu_ns as f64 / 1e9
+    );
+    if o.over_counted > 0 {
+        let _ = write!(
+            note,
+            ", OVER-COUNTED on {} clients (up to {})",
+            o.over_counted, o.most_accounted
+        );
+    }
+    if o.duplicates > 0 {
+        let _ = write!(note, ", {} duplicate ids", o.duplicates);
+    }
+    if let Some(died) = &report.died {
+        let _ = write!(note, ", died: {died}");
+    }
+    note
 }
 
 fn describe_errors(o: &Outcome) -> String {
@@ -443,4 +700,71 @@ fn splice(path: &str, generated: &str) -> Result<(), String> {
     fs::write(path, new).map_err(|err| format!("cannot write {path}: {err}"))?;
     eprintln!("wrote {path}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::Percentiles;
+
+    fn columns(line: &str) -> usize {
+        line.matches('|').count()
+    }
+
+    #[test]
+    fn storm_rows_have_as_many_columns_as_their_header() {
+        let outcome = StormOutcome {
+            connected: 4000,
+            pressers: 4000,
+            accepted: 3990,
+            refused: [("rate_limited".to_string(), 10)].into(),
+            target: 3990,
+            complete: 4000,
+            completion: Some(Percentiles {
+                min: 200_000,
+                p50: 210_000,
+                p90: 220_000,
+                p99: 230_000,
+                max: 240_000,
+            }),
+            over_counted: 2,
+            window: Duration::from_millis(250),
+            ..StormOutcome::default()
+        };
+        let rows = [StormRow {
+            name: "a storm",
+            reports: vec![Report {
+                outcome,
+                ..Report::default()
+            }],
+        }];
+        let mut out = String::new();
+        render_storms(&mut out, &rows);
+        let table: Vec<&str> = out.lines().filter(|l| l.starts_with('|')).collect();
+        assert_eq!(table.len(), 3, "{out}");
+        assert!(
+            table.iter().all(|l| columns(l) == columns(table[0])),
+            "{out}"
+        );
+        assert!(out.contains("| 10 (rate_limited 10) |"), "{out}");
+        assert!(out.contains("| 240.0 ms | 210.0 ms | 230.0 ms |"), "{out}");
+        assert!(out.contains("**2 (bug)**"), "{out}");
+    }
+
+    #[test]
+    fn a_short_client_leaves_no_completion_time() {
+        let outcome = StormOutcome {
+            short: 3,
+            completion: Some(Percentiles::default()),
+            ..StormOutcome::default()
+        };
+        let row = StormRow {
+            name: "short",
+            reports: vec![Report {
+                outcome,
+                ..Report::default()
+            }],
+        };
+        assert_eq!(row.completion(|p| p.max), "never");
+    }
 }
