@@ -32,9 +32,11 @@ const USAGE: &str = "\
 usage:
   skywatch-load run [options]       measure one setup: one client sends alerts
   skywatch-load storm [options]     a crowd presses at once (see storm options)
-  skywatch-load matrix [--write FILE] [--runs N]
+  skywatch-load matrix [--write FILE] [--runs N] [--only TEXT]
                                     the standard matrix (make bench); with --write,
-                                    replaces the generated part of FILE
+                                    replaces the generated part of FILE; --only runs
+                                    the rows whose name contains TEXT (e.g. storm),
+                                    printing them
 
 run options (defaults in brackets):
   --clients N       measured clients; the first sends the alerts [1000]
