@@ -97,21 +97,21 @@ pub fn with_servers<O: Default>(
     setup: &Setup,
     body: impl FnOnce(&[Server], Hook<'_>) -> io::Result<O>,
 ) -> Result<Report<O>, String> {
+    let bin = match &setup.server_bin {
+        Some(path) if path.exists() => path.clone(),
+        Some(path) => return Err(format!("--server-bin {}: no such file", path.display())),
+        None => launch::sibling_binary("skywatch")?,
+    };
+    let cgroup = match setup.cgroup_mib {
+        Some(mib) => Some(Cgroup::create(CGROUP_NAME, mib << 20)?),
+        None => None,
+    };
     // Servers (and the Pub/Sub test server) on CPU 0, the tool on CPU 1; see
     // `limits::pin_to` for why.
     let pin = PinGuard(setup.pin && limits::pin_to(0));
     let pubsub = match setup.pubsub {
         true => Some(launch::start_pubsub_test_server(&setup.pubsub_args)?),
         false => None,
-    };
-    let cgroup = match setup.cgroup_mib {
-        Some(mib) => Some(Cgroup::create(CGROUP_NAME, mib << 20)?),
-        None => None,
-    };
-    let bin = match &setup.server_bin {
-        Some(path) if path.exists() => path.clone(),
-        Some(path) => return Err(format!("--server-bin {}: no such file", path.display())),
-        None => launch::sibling_binary("skywatch")?,
     };
     let mut instances: Vec<Process> = Vec::new();
     for i in 0..setup.instances.max(1) {
