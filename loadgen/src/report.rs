@@ -273,20 +273,24 @@ pub fn storm_text(report: &Report<StormOutcome>) -> String {
         o.bytes.mean,
         o.bytes_per_second(o.bytes.mean) / 1024.0
     );
-    let _ = writeln!(
-        out,
-        "  server CPU:    {:.3} core-seconds over the storm ({:.1} % of a core)",
-        o.cpu.cpu_ns as f64 / 1e9,
-        o.cpu.percent()
-    );
-    let _ = writeln!(
-        out,
-        "  server RSS:    {:.1} MiB at start, {:.1} MiB connected ({} threads), {:.1} MiB after the storm",
-        o.rss_start_kib as f64 / 1024.0,
-        o.rss_connected_kib as f64 / 1024.0,
-        o.threads_connected,
-        o.rss_after_kib as f64 / 1024.0
-    );
+    if o.measured_servers == 0 {
+        let _ = writeln!(out, "  server:        CPU and RSS not measured (no --pid)");
+    } else {
+        let _ = writeln!(
+            out,
+            "  server CPU:    {:.3} core-seconds over the storm ({:.1} % of a core)",
+            o.cpu.cpu_ns as f64 / 1e9,
+            o.cpu.percent()
+        );
+        let _ = writeln!(
+            out,
+            "  server RSS:    {:.1} MiB at start, {:.1} MiB connected ({} threads), {:.1} MiB after the storm",
+            o.rss_start_kib as f64 / 1024.0,
+            o.rss_connected_kib as f64 / 1024.0,
+            o.threads_connected,
+            o.rss_after_kib as f64 / 1024.0
+        );
+    }
     if o.protocol_errors > 0 {
         let _ = writeln!(out, "  protocol errors: {}", o.protocol_errors);
     }

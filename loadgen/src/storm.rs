@@ -365,6 +365,9 @@ impl Spread {
 #[derive(Debug, Default, Clone)]
 pub struct StormOutcome {
     pub instances: usize,
+    /// Server processes whose CPU and RSS were read (none with `--url` and
+    /// no `--pid`).
+    pub measured_servers: usize,
     pub clients: usize,
     pub connected: usize,
     pub connect_errors: usize,
@@ -445,6 +448,7 @@ pub fn run(plan: &StormPlan, hook: Hook<'_>) -> io::Result<StormOutcome> {
     let wanted_pressers = plan.pressers.unwrap_or(plan.clients).min(plan.clients);
     let mut outcome = StormOutcome {
         instances: plan.endpoints.len(),
+        measured_servers: pids.len(),
         clients: plan.clients,
         rss_start_kib: rss(pids),
         send_threads: plan.send_threads.max(1),
