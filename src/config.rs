@@ -55,6 +55,16 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "alerts a connection may send at once before the rate applies",
     ),
     (
+        "STORM_ALERTS_PER_SECOND",
+        "10",
+        "most individual alerts a client is sent per second; further presses are counted into summaries (0: summaries only)",
+    ),
+    (
+        "STORM_SUMMARY_MS",
+        "200",
+        "how often presses counted in a storm go out as one ALIEN_LANDING_SUMMARY",
+    ),
+    (
         "PING_INTERVAL_SECS",
         "30",
         "ping a client idle this long; drop it after another silent interval",
@@ -67,7 +77,7 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     (
         "RECOVERY_ALERTS",
         "100",
-        "recent alerts kept for clients that reconnect with ?since= (0 keeps none)",
+        "recent messages (alerts and storm summaries) kept for clients that reconnect with ?since= (0 keeps none)",
     ),
     (
         "PRESENCE_INTERVAL_SECS",
@@ -105,6 +115,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "https://pubsub.googleapis.com",
         "Pub/Sub API base URL (auth kept on)",
     ),
+    (
+        "PUBSUB_OUTSTANDING_PULLS",
+        "4",
+        "pull requests kept open at once on this instance's subscription (1 to 16)",
+    ),
 ];
 
 /// The key file the original demo read, used when no variable names a key.
@@ -128,6 +143,8 @@ pub struct Config {
     pub max_connections: usize,
     pub alerts_per_second: f64,
     pub alert_burst: u32,
+    pub storm_alerts_per_second: usize,
+    pub storm_summary: Duration,
     pub ping_interval: Duration,
     pub handshake_timeout: Duration,
     pub recovery_alerts: usize,
@@ -158,6 +175,8 @@ pub struct PubSubChoice {
     pub project: String,
     pub topic: String,
     pub subscription: String,
+    /// Pull requests kept open at once.
+    pub outstanding_pulls: usize,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -218,6 +237,16 @@ impl Config {
                 |n: &u32| *n > 0,
                 "expected a positive integer",
             )?,
+            storm_alerts_per_second: var("STORM_ALERTS_PER_SECOND").parse_if(
+                10,
+                |n: &usize| *n <= 100_000,
+                "expected a whole number from 0 to 100000",
+            )?,
+            storm_summary: Duration::from_millis(var("STORM_SUMMARY_MS").parse_if(
+                200,
+                |n: &u64| (10..=60_000).contains(n),
+                "expected milliseconds from 10 to 60000",
+            )?),
             ping_interval: seconds(var("PING_INTERVAL_SECS"), 30)?,
             handshake_timeout: seconds(var("HANDSHAKE_TIMEOUT_SECS"), 5)?,
             recovery_alerts: var("RECOVERY_ALERTS").parse_if(
@@ -452,12 +481,18 @@ fn choose_broker(
     if !is_resource_id(&topic) {
         return Err(topic_var.error(RESOURCE_ID_RULES));
     }
+    let outstanding_pulls = var("PUBSUB_OUTSTANDING_PULLS").parse_if(
+        4,
+        |n: &usize| (1..=16).contains(n),
+        "expected a whole number from 1 to 16",
+    )?;
     let settings = PubSubChoice {
         endpoint,
         account,
         project,
         topic,
         subscription: subscription_id(instance_id),
+        outstanding_pulls,
     };
     Ok(BrokerChoice::PubSub {
         settings: Box::new(settings),

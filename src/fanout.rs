@@ -14,19 +14,26 @@
 //! client that stops reading costs the others nothing.
 //!
 //! An alert is serialized and framed once, then the same bytes are written to
-//! every client.
+//! every client. When several are waiting, they are framed one after another
+//! into one batch and each client gets the batch with one `send`: the cost of
+//! a broadcast is the number of clients, not clients × alerts.
+//!
+//! What every client is sent per second is bounded (`storm.rs`): past
+//! STORM_ALERTS_PER_SECOND individual alerts, presses are counted into a
+//! summary sent every STORM_SUMMARY_MS.
 //!
 //! Two more things live here because they must be ordered with the alerts:
-//! the ring of recent alerts that a reconnecting client is replayed from
+//! the ring of recent messages that a reconnecting client is replayed from
 //! (`recovery.rs`; a client is registered and replayed in one step, so no
-//! alert falls between), and the presence picture (`presence.rs`), which
+//! message falls between), and the presence picture (`presence.rs`), which
 //! counts this thread's own clients.
 
 use crate::broker::{Broker, Delivery};
 use crate::message::{self, Alert};
 use crate::metrics::METRICS;
 use crate::presence::{Heartbeat, Presence};
-use crate::recovery::{Missed, Recent};
+use crate::recovery::{Missed, Recent, Sent};
+use crate::storm::{Overflow, Route, Storm, Summary};
 use crossbeam_channel::{Receiver, select_biased};
 use socket2::SockRef;
 use std::collections::{HashMap, HashSet};
@@ -36,7 +43,7 @@ use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tungstenite::protocol::CloseFrame;
 use tungstenite::protocol::frame::Frame;
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -79,8 +86,14 @@ pub struct Limits {
 /// Everything the fan-out thread is configured with.
 pub struct Settings {
     pub limits: Limits,
-    /// Alerts kept for clients that reconnect (0: none).
+    /// Messages kept for clients that reconnect (0: none).
     pub recovery_alerts: usize,
+    /// Most individual alerts a client is sent per second.
+    pub storm_alerts_per_second: usize,
+    /// How often counted presses go out as one summary.
+    pub storm_summary: Duration,
+    /// Presses the local broker counted while `deliveries` was full.
+    pub overflow: Arc<Overflow>,
     /// None when presence is switched off.
     pub presence: Option<PresenceSettings>,
 }
@@ -98,11 +111,27 @@ pub struct PresenceSettings {
 /// behind cost anything; an idle server never wakes for this.
 const FLUSH_RETRY: Duration = Duration::from_millis(10);
 
+/// Most bytes written to every client in one `send`: half the fixed socket
+/// send buffer (`http.rs`), so a client that reads normally takes a whole
+/// batch even when the previous one is still in its buffer.
+const BATCH_BYTES: usize = 16 * 1024;
+
+/// Most deliveries taken from the queue in one turn before writing: bounds
+/// the time events (a departure, a shutdown) wait behind a storm.
+const DELIVERIES_PER_TURN: usize = 4096;
+
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 /// Milliseconds on a process-wide monotonic clock, for `last_seen` stamps.
 pub fn now_ms() -> u64 {
     EPOCH.elapsed().as_millis() as u64
+}
+
+/// Milliseconds since the Unix epoch, for the windows of summaries.
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Runs the fan-out thread until shutdown completes (or every sender of
@@ -112,6 +141,9 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
     let mut hub = Hub {
         limits,
         recent: Recent::new(settings.recovery_alerts),
+        storm: Storm::new(settings.storm_alerts_per_second, settings.storm_summary),
+        overflow: settings.overflow,
+        outbox: Outbox::default(),
         presence: settings.presence.map(|settings| Watchers {
             book: Presence::new(settings.interval),
             next_beat: Instant::now(),
@@ -138,8 +170,17 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
                 Err(_) => break,
             },
             recv(deliveries.as_ref().unwrap_or(&never)) -> delivery => match delivery {
-                Ok(Delivery::Alert(alert)) => hub.broadcast(&alert),
-                Ok(Delivery::Presence(beat)) => hub.heard(beat),
+                Ok(first) => {
+                    // Take what else is waiting too, so it goes out in one
+                    // batch.
+                    hub.take(first);
+                    if let Some(queue) = &deliveries {
+                        for delivery in queue.try_iter().take(DELIVERIES_PER_TURN - 1) {
+                            hub.take(delivery);
+                        }
+                    }
+                    hub.send_outbox();
+                }
                 Err(_) => deliveries = None,
             },
             default(timeout) => {}
@@ -160,8 +201,13 @@ enum Flow {
 
 struct Hub {
     limits: Limits,
-    /// The last alerts delivered, for clients that come back.
+    /// The last messages sent, for clients that come back.
     recent: Recent,
+    /// Which presses go out as alerts and which are counted.
+    storm: Storm,
+    overflow: Arc<Overflow>,
+    /// Frames for every client, written as one batch.
+    outbox: Outbox,
     presence: Option<Watchers>,
     clients: HashMap<ClientId, Client>,
     /// Clients with a non-empty backlog.
@@ -212,6 +258,9 @@ impl Hub {
         if !self.behind.is_empty() {
             at = at.min(now + FLUSH_RETRY);
         }
+        if let Some(due) = self.storm.due() {
+            at = at.min(due);
+        }
         if let Some(deadline) = self.stopping {
             at = at.min(deadline);
         }
@@ -237,20 +286,20 @@ impl Hub {
                     pinged_at: None,
                     closing: false,
                 };
-                let mut sent = client.send(&greeting, now, &self.limits);
+                // The greeting, what a returning client missed, and the
+                // presence picture, in one write.
+                let mut frames = greeting.to_vec();
+                if let Some(since) = since {
+                    frames.extend(replay(&self.recent, &since));
+                }
                 if let Some(watchers) = &mut self.presence {
                     // This instance's count includes the newcomer at once,
                     // and the newcomer sees the picture without waiting for
                     // the next update.
                     watchers.count_own(self.clients.len() + 1, now);
-                    let picture = text_frame(watchers.book.message());
-                    sent = sent.and_then(|()| client.send(&picture, now, &self.limits));
+                    frames.extend(text_frame(watchers.book.message()));
                 }
-                if let Some(since) = since {
-                    sent = sent.and_then(|()| {
-                        replay(&self.recent, &since, &mut client, now, &self.limits)
-                    });
-                }
+                let sent = client.send(&frames, now, &self.limits);
                 let sent = sent.and_then(|()| match self.stopping {
                     Some(_) => client.close(&self.going_away, now, &self.limits),
                     None => Ok(()),
@@ -278,6 +327,12 @@ impl Hub {
                 }
             }
             Event::Shutdown { deadline } => {
+                // Every press already counted goes out before the close.
+                self.count_overflow(now);
+                if let Some(summary) = self.storm.take_now(now) {
+                    self.queue_summary(summary);
+                }
+                self.send_outbox();
                 self.stopping = Some(deadline);
                 for (id, client) in &mut self.clients {
                     if client.close(&self.going_away, now, &self.limits).is_ok()
@@ -302,14 +357,81 @@ impl Hub {
         }
     }
 
-    fn broadcast(&mut self, alert: &Alert) {
-        if self.stopping.is_some() {
+    /// Takes one delivery from the broker: an alert goes into the outbox
+    /// or is counted for the next summary; a heartbeat updates presence.
+    fn take(&mut self, delivery: Delivery) {
+        match delivery {
+            Delivery::Alert(alert) => {
+                if self.stopping.is_some() {
+                    return;
+                }
+                let now = Instant::now();
+                // A window that has ended goes out before anything is
+                // counted into the next.
+                if let Some(summary) = self.storm.take_due(now) {
+                    self.queue_summary(summary);
+                }
+                if self.storm.route(&alert.region, now, wall_ms()) == Route::Alert {
+                    self.queue_alert(alert);
+                } else {
+                    METRICS.presses_summarized.inc();
+                }
+            }
+            Delivery::Presence(beat) => self.heard(beat),
+        }
+    }
+
+    fn queue_alert(&mut self, alert: Alert) {
+        self.queue(&text_frame(alert.to_client_json()), true);
+        self.recent.push(Sent::Alert(alert));
+    }
+
+    fn queue_summary(&mut self, summary: Summary) {
+        self.queue(&text_frame(summary.to_client_json()), false);
+        METRICS.summaries_sent.inc();
+        self.recent.push(Sent::Summary(summary));
+    }
+
+    /// Adds a frame for every client to the outbox, writing the outbox out
+    /// first if the frame would not fit in the batch.
+    fn queue(&mut self, frame: &[u8], is_alert: bool) {
+        if self.outbox.bytes.len() + frame.len() > BATCH_BYTES {
+            self.send_outbox();
+        }
+        self.outbox.bytes.extend_from_slice(frame);
+        self.outbox.frames += 1;
+        self.outbox.alerts += u64::from(is_alert);
+    }
+
+    /// Writes the outbox to every client as one batch.
+    fn send_outbox(&mut self) {
+        if self.outbox.frames == 0 {
             return;
         }
-        self.recent.push(alert);
-        let frame = text_frame(alert.to_client_json());
-        self.send_to_all(&frame);
-        METRICS.alerts_delivered.add(self.clients.len() as u64);
+        let batch = std::mem::take(&mut self.outbox);
+        self.send_to_all(&batch.bytes);
+        METRICS.fanout_batch_frames.observe_count(batch.frames);
+        METRICS
+            .alerts_delivered
+            .add(batch.alerts * self.clients.len() as u64);
+        // Keep the buffer's memory for the next batch (it is at most
+        // BATCH_BYTES plus one frame).
+        self.outbox.bytes = batch.bytes;
+        self.outbox.bytes.clear();
+    }
+
+    /// Counts the presses the local broker could not queue.
+    fn count_overflow(&mut self, now: Instant) {
+        if let Some(regions) = self.overflow.take() {
+            if let Some(summary) = self.storm.take_due(now) {
+                self.queue_summary(summary);
+            }
+            let now_ms = wall_ms();
+            for (region, n) in regions {
+                self.storm.count(&region, n, now, now_ms);
+                METRICS.presses_summarized.add(n);
+            }
+        }
     }
 
     /// Another instance's heartbeat (this instance's own comes back too, but
@@ -355,8 +477,16 @@ impl Hub {
         }
     }
 
-    /// Retries backlogs, pings idle clients, and finishes a shutdown.
+    /// Sends a summary whose window has ended, retries backlogs, pings idle
+    /// clients, and finishes a shutdown.
     fn housekeeping(&mut self, now: Instant) -> Flow {
+        if self.stopping.is_none() {
+            self.count_overflow(now);
+            if let Some(summary) = self.storm.take_due(now) {
+                self.queue_summary(summary);
+            }
+            self.send_outbox();
+        }
         let stuck: Vec<(ClientId, Gone)> = self
             .behind
             .iter()
@@ -424,7 +554,8 @@ impl Hub {
             watchers.book.expire(now);
         }
         if let Some(message) = watchers.book.due(now) {
-            self.send_to_all(&text_frame(message));
+            self.queue(&text_frame(message), false);
+            self.send_outbox();
         }
     }
 
@@ -461,24 +592,28 @@ impl Hub {
     }
 }
 
-/// Sends a reconnecting client what it missed since the alert `since`:
-/// every later alert still held, marked replayed, or a MISSED notice.
-fn replay(
-    recent: &Recent,
-    since: &str,
-    client: &mut Client,
-    now: Instant,
-    limits: &Limits,
-) -> Result<(), Gone> {
+/// What a client coming back after the message `since` is owed, as frames
+/// for one write: every later message still held, marked replayed, or a
+/// MISSED notice.
+fn replay(recent: &Recent, since: &str) -> Vec<u8> {
     match recent.after(since) {
-        Missed::Alerts(alerts) => {
-            METRICS.alerts_replayed.add(alerts.len() as u64);
-            alerts
-                .into_iter()
-                .try_for_each(|alert| client.send(&text_frame(alert.to_replay_json()), now, limits))
+        Missed::Messages(sent) => {
+            METRICS.alerts_replayed.add(sent.len() as u64);
+            sent.iter()
+                .flat_map(|message| text_frame(message.to_replay_json()))
+                .collect()
         }
-        Missed::Unknown => client.send(&text_frame(message::missed(since)), now, limits),
+        Missed::Unknown => text_frame(message::missed(since)),
     }
+}
+
+/// Frames waiting to be written to every client in one batch.
+#[derive(Default)]
+struct Outbox {
+    bytes: Vec<u8>,
+    frames: usize,
+    /// How many of the frames are alerts (for the delivered metric).
+    alerts: u64,
 }
 
 /// A complete text frame carrying `text`.

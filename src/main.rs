@@ -19,6 +19,7 @@ mod presence;
 mod ratelimit;
 mod recovery;
 mod socket;
+mod storm;
 
 use broker::Broker;
 use broker::local::LocalBroker;
@@ -32,8 +33,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Alerts waiting for the fan-out thread. A full queue makes the local broker
-/// answer `broker_unavailable` rather than block a socket thread.
+/// Alerts waiting for the fan-out thread. When it is full the local broker
+/// counts further presses into the next storm summary (`storm::Overflow`);
+/// the Pub/Sub puller waits.
 const DELIVERY_QUEUE: usize = 1024;
 /// Greetings, replies and departures waiting for the fan-out thread.
 const EVENT_QUEUE: usize = 4096;
@@ -76,9 +78,13 @@ fn run(config: Config) -> Result<(), String> {
     // (the Pub/Sub broker adds its own publisher and puller threads)
     let (deliveries_tx, deliveries_rx) = bounded(DELIVERY_QUEUE);
     let (events_tx, events_rx) = bounded(EVENT_QUEUE);
+    let overflow = Arc::new(storm::Overflow::default());
 
     let (broker, why): (Arc<dyn Broker>, String) = match config.broker {
-        BrokerChoice::Local { reason } => (Arc::new(LocalBroker::new(deliveries_tx)), reason),
+        BrokerChoice::Local { reason } => (
+            Arc::new(LocalBroker::new(deliveries_tx, Arc::clone(&overflow))),
+            reason,
+        ),
         BrokerChoice::PubSub { settings, reason } => {
             let settings = *settings;
             let settings = PubSubSettings {
@@ -87,6 +93,12 @@ fn run(config: Config) -> Result<(), String> {
                 project: settings.project,
                 topic: settings.topic,
                 subscription: settings.subscription,
+                outstanding_pulls: settings.outstanding_pulls,
+                // Room for every client's whole burst at once: a storm is
+                // queued, never refused, while Pub/Sub answers.
+                queue_capacity: config
+                    .max_connections
+                    .saturating_mul(config.alert_burst as usize),
             };
             let broker = PubSubBroker::start(settings, deliveries_tx)
                 .map_err(|err| format!("cannot start the Pub/Sub threads: {err}"))?;
@@ -102,6 +114,9 @@ fn run(config: Config) -> Result<(), String> {
             slow_client_grace: Duration::from_secs(10),
         },
         recovery_alerts: config.recovery_alerts,
+        storm_alerts_per_second: config.storm_alerts_per_second,
+        storm_summary: config.storm_summary,
+        overflow,
         presence: config
             .presence_interval
             .map(|interval| fanout::PresenceSettings {

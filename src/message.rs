@@ -195,6 +195,13 @@ pub fn connected(region: &str) -> String {
     serde_json::json!({ "message": "CONNECTED", "regionCode": region }).to_string()
 }
 
+/// The reply to an accepted press; it goes to the sender only, so the page
+/// can say "sent" even when its press only ever shows up inside a storm
+/// summary's count.
+pub fn accepted(id: &str) -> String {
+    serde_json::json!({ "message": "ACCEPTED", "id": id }).to_string()
+}
+
 /// The reply to a refused message; it goes to the sender only.
 pub fn error(rejection: &Rejection) -> String {
     serde_json::json!({ "message": "ERROR", "error": rejection.code, "detail": rejection.detail })

@@ -51,37 +51,53 @@ impl Gauge {
 
 /// Upper bounds of the latency buckets, in seconds: from a fast local call to
 /// a long poll that Pub/Sub held for its full 90 s.
-const BOUNDS: [f64; 14] = [
+const SECONDS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0, 30.0, 100.0,
 ];
 
-/// A latency histogram with fixed buckets. Each observation is counted in
-/// the first bucket that holds it; `render` makes the counts cumulative, as
-/// Prometheus wants them.
-pub struct Histogram {
-    buckets: [AtomicU64; BOUNDS.len()],
+/// Upper bounds of the frames-per-batch buckets.
+const FRAMES: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
+/// A histogram with fixed buckets. Each observation is counted in the first
+/// bucket that holds it; `render` makes the counts cumulative, as Prometheus
+/// wants them.
+pub struct Histogram<const N: usize> {
+    bounds: [f64; N],
+    buckets: [AtomicU64; N],
     /// Observations above the last bound (the `+Inf` bucket's own share).
     over: AtomicU64,
+    /// The sum of observations, in millionths.
     sum_micros: AtomicU64,
 }
 
-impl Histogram {
-    const fn new() -> Histogram {
+impl<const N: usize> Histogram<N> {
+    const fn new(bounds: [f64; N]) -> Histogram<N> {
         Histogram {
-            buckets: [const { AtomicU64::new(0) }; BOUNDS.len()],
+            bounds,
+            buckets: [const { AtomicU64::new(0) }; N],
             over: AtomicU64::new(0),
             sum_micros: AtomicU64::new(0),
         }
     }
 
-    pub fn observe(&self, elapsed: Duration) {
-        let seconds = elapsed.as_secs_f64();
-        match BOUNDS.iter().position(|bound| seconds <= *bound) {
+    fn observe_value(&self, value: f64) {
+        match self.bounds.iter().position(|bound| value <= *bound) {
             Some(i) => self.buckets[i].fetch_add(1, Ordering::Relaxed),
             None => self.over.fetch_add(1, Ordering::Relaxed),
         };
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        // `as` saturates: an absurd value cannot wrap the sum.
+        let micros = (value * 1e6).round() as u64;
         self.sum_micros.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// Records a duration, in seconds.
+    pub fn observe(&self, elapsed: Duration) {
+        self.observe_value(elapsed.as_secs_f64());
+    }
+
+    /// Records a count.
+    pub fn observe_count(&self, n: usize) {
+        self.observe_value(n as f64);
     }
 }
 
@@ -96,6 +112,12 @@ pub const REJECTION_CODES: [&str; 4] = [
 
 pub struct Metrics {
     pub connected_clients: Gauge,
+    /// Presses counted into a storm summary instead of sent as alerts.
+    pub presses_summarized: Counter,
+    /// Storm summaries sent (each to every client).
+    pub summaries_sent: Counter,
+    /// Frames written to every client with one `send`.
+    pub fanout_batch_frames: Histogram<{ FRAMES.len() }>,
     /// Alerts from this instance's clients, accepted for broadcast.
     pub alerts_received: Counter,
     /// Alerts this instance handed on to every instance (for Pub/Sub: once
@@ -113,14 +135,17 @@ pub struct Metrics {
     pub slow_clients_dropped: Counter,
     pub publish_errors: Counter,
     pub pull_errors: Counter,
-    pub publish_duration: Histogram,
-    pub pull_duration: Histogram,
+    pub publish_duration: Histogram<{ SECONDS.len() }>,
+    pub pull_duration: Histogram<{ SECONDS.len() }>,
 }
 
 impl Metrics {
     const fn new() -> Metrics {
         Metrics {
             connected_clients: Gauge::new(),
+            presses_summarized: Counter::new(),
+            summaries_sent: Counter::new(),
+            fanout_batch_frames: Histogram::new(FRAMES),
             alerts_received: Counter::new(),
             alerts_published: Counter::new(),
             alerts_delivered: Counter::new(),
@@ -130,8 +155,8 @@ impl Metrics {
             slow_clients_dropped: Counter::new(),
             publish_errors: Counter::new(),
             pull_errors: Counter::new(),
-            publish_duration: Histogram::new(),
-            pull_duration: Histogram::new(),
+            publish_duration: Histogram::new(SECONDS),
+            pull_duration: Histogram::new(SECONDS),
         }
     }
 
@@ -176,8 +201,26 @@ impl Metrics {
         counter(
             &mut out,
             "skywatch_alerts_replayed_total",
-            "Missed alerts sent again to reconnecting clients.",
+            "Missed messages (alerts and summaries) sent again to reconnecting clients.",
             self.alerts_replayed.get(),
+        );
+        counter(
+            &mut out,
+            "skywatch_presses_summarized_total",
+            "Presses counted into a storm summary instead of sent as individual alerts.",
+            self.presses_summarized.get(),
+        );
+        counter(
+            &mut out,
+            "skywatch_summaries_sent_total",
+            "Storm summaries (ALIEN_LANDING_SUMMARY) sent, each to every client.",
+            self.summaries_sent.get(),
+        );
+        histogram(
+            &mut out,
+            "skywatch_fanout_batch_frames",
+            "Frames written to every client with one send, per fan-out batch.",
+            &self.fanout_batch_frames,
         );
         let _ = writeln!(
             out,
@@ -255,10 +298,10 @@ fn gauge(out: &mut String, name: &str, help: &str, value: i64) {
     );
 }
 
-fn histogram(out: &mut String, name: &str, help: &str, h: &Histogram) {
+fn histogram<const N: usize>(out: &mut String, name: &str, help: &str, h: &Histogram<N>) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
     let mut cumulative = 0;
-    for (bound, bucket) in BOUNDS.iter().zip(&h.buckets) {
+    for (bound, bucket) in h.bounds.iter().zip(&h.buckets) {
         cumulative += bucket.load(Ordering::Relaxed);
         let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
     }
@@ -283,7 +326,7 @@ mod tests {
 
     #[test]
     fn histogram_buckets_are_cumulative_and_end_with_inf() {
-        let h = Histogram::new();
+        let h = Histogram::new(SECONDS);
         h.observe(Duration::from_micros(500));
         h.observe(Duration::from_millis(20));
         h.observe(Duration::from_secs(500));

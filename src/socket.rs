@@ -231,7 +231,7 @@ impl Session<'_> {
         let outcome = message::parse_request(text).and_then(|request| match request {
             Request::AlienLanding { timestamp } => self.report_landing(timestamp),
         });
-        if let Err(rejection) = outcome {
+        let reply = outcome.unwrap_or_else(|rejection| {
             METRICS.rejected(rejection.code);
             crate::debug!(
                 "client {}: rejected: {} ({})",
@@ -239,15 +239,17 @@ impl Session<'_> {
                 rejection.code,
                 rejection.detail
             );
-            let frames = self.encode_text(ws, message::error(&rejection));
-            let _ = self.ctx.events.send(Event::Send {
-                id: self.id,
-                frames,
-            });
-        }
+            message::error(&rejection)
+        });
+        let frames = self.encode_text(ws, reply);
+        let _ = self.ctx.events.send(Event::Send {
+            id: self.id,
+            frames,
+        });
     }
 
-    fn report_landing(&mut self, timestamp: u64) -> Result<(), Rejection> {
+    /// Rate-limits and publishes a press; returns the `ACCEPTED` reply.
+    fn report_landing(&mut self, timestamp: u64) -> Result<String, Rejection> {
         if !self.bucket.try_take(Instant::now()) {
             return Err(Rejection::new(
                 "rate_limited",
@@ -260,6 +262,7 @@ impl Session<'_> {
         let id = message::new_alert_id().map_err(|err| {
             Rejection::new("internal_error", format!("cannot make an alert id: {err}"))
         })?;
+        let reply = message::accepted(&id);
         let alert = Alert {
             timestamp,
             region: self.ctx.region.clone(),
@@ -270,7 +273,7 @@ impl Session<'_> {
             PublishError::Unavailable => Rejection::new("broker_unavailable", err.to_string()),
         })?;
         METRICS.alerts_received.inc();
-        Ok(())
+        Ok(reply)
     }
 
     /// Encodes a text message through tungstenite (so its state stays right)

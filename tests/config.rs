@@ -17,6 +17,9 @@ const VARIABLES: &[(&str, Option<&str>)] = &[
     ("MAX_CONNECTIONS", Some("10000")),
     ("ALERTS_PER_SECOND", Some("1")),
     ("ALERT_BURST", Some("5")),
+    ("STORM_ALERTS_PER_SECOND", Some("10")),
+    ("STORM_SUMMARY_MS", Some("200")),
+    ("PUBSUB_OUTSTANDING_PULLS", Some("4")),
     ("LOG_LEVEL", Some("info")),
     ("PING_INTERVAL_SECS", Some("30")),
     ("HANDSHAKE_TIMEOUT_SECS", Some("5")),
@@ -161,6 +164,38 @@ fn invalid_alert_burst_is_rejected() {
 }
 
 #[test]
+fn invalid_storm_settings_are_rejected() {
+    check_invalid("STORM_ALERTS_PER_SECOND", "-1", "-1");
+    check_invalid("STORM_ALERTS_PER_SECOND", "100001", "100001");
+    check_invalid("STORM_ALERTS_PER_SECOND", "many", "many");
+    check_invalid("STORM_SUMMARY_MS", "0", "0");
+    check_invalid("STORM_SUMMARY_MS", "9", "9");
+    check_invalid("STORM_SUMMARY_MS", "60001", "60001");
+    check_invalid("STORM_SUMMARY_MS", "1.5", "1.5");
+}
+
+#[test]
+fn invalid_outstanding_pulls_are_rejected_with_pubsub() {
+    for value in ["0", "17", "four"] {
+        let out = run_to_exit(
+            &[],
+            &[
+                ("PUBSUB_EMULATOR_HOST", "127.0.0.1:1"),
+                ("PUBSUB_PROJECT_ID", "p"),
+                ("PUBSUB_OUTSTANDING_PULLS", value),
+            ],
+        );
+        assert_eq!(out.status.code(), Some(2), "{value}: {}", out.stderr);
+        assert!(
+            out.stderr
+                .contains(&format!("invalid PUBSUB_OUTSTANDING_PULLS=\"{value}\"")),
+            "{}",
+            out.stderr
+        );
+    }
+}
+
+#[test]
 fn invalid_log_level_is_rejected() {
     check_invalid("LOG_LEVEL", "loud", "loud");
 }
@@ -237,15 +272,22 @@ fn valid_non_default_values_are_accepted() {
         ("ALLOWED_ORIGINS", "https://a.example,http://b.example:8080"),
         ("FLY_REGION", "syd"),
         ("FLY_ALLOC_ID", "alloc-9"),
+        ("STORM_ALERTS_PER_SECOND", "1"),
+        ("STORM_SUMMARY_MS", "10"),
     ]);
     let mut c = server.client();
     c.send_alert(1);
     let v = c.next_alert();
     assert_eq!(v["regionCode"], "syd");
     assert_eq!(v["sender"], "alloc-9");
-    // ALERT_BURST=2 at 0.5/s: the third alert in a row is limited.
+    // STORM_ALERTS_PER_SECOND=1: the second press within the second goes
+    // out in a summary of a 10 ms window.
     c.send_alert(2);
-    assert_eq!(c.next_alert()["timestamp"].as_u64(), Some(2));
+    let v = c.next_json();
+    assert_eq!(v["message"], "ALIEN_LANDING_SUMMARY", "{v}");
+    assert_eq!(v["regions"], serde_json::json!({"syd": 1}));
+    assert_eq!(v["to"].as_u64().unwrap() - v["from"].as_u64().unwrap(), 10);
+    // ALERT_BURST=2 at 0.5/s: the third alert in a row is limited.
     c.send_alert(3);
     c.expect_error("rate_limited");
 }

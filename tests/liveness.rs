@@ -126,7 +126,11 @@ fn stuck_client(server: &Server) -> TcpStream {
 fn stuck_client_is_dropped_without_delaying_others() {
     const N: u64 = 3000;
     const BATCH: u64 = 100;
-    let server = Server::start(&[("ALERTS_PER_SECOND", "100000"), ("ALERT_BURST", "100000")]);
+    let server = Server::start(&[
+        ("ALERTS_PER_SECOND", "100000"),
+        ("ALERT_BURST", "100000"),
+        ("STORM_ALERTS_PER_SECOND", "100000"),
+    ]);
     let mut stuck = stuck_client(&server);
 
     let readers: Vec<Client> = (0..2).map(|_| server.client()).collect();

@@ -135,7 +135,8 @@ fn pubsub_calls_are_timed_and_their_errors_counted() {
     env.push(("PRESENCE_INTERVAL_SECS".into(), "0".into()));
     let server = Server::start_owned(&env);
     server.wait_ready(Duration::from_secs(10));
-    assert!(ts.wait_for(Duration::from_secs(5), |s| s.held_pulls() >= 1));
+    assert!(ts.wait_for(Duration::from_secs(5), |s| s.held_pulls()
+        >= support::OUTSTANDING_PULLS));
 
     let mut c = server.client();
     ts.fail_next(2, 503);

@@ -238,17 +238,20 @@ fn alert_reaches_every_client_of_three_instances_exactly_once() {
 
     let a = start_emulated(&ts, "aaaa1111", "ams");
     wait_subscribed(&ts, &a, &subscription("aaaa1111"));
-    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 1));
+    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls()
+        >= support::OUTSTANDING_PULLS));
     // B names its project the other documented way.
     let mut b_env = emulator_env(&ts, "bbbb2222", "syd");
     b_env.retain(|(k, _)| k != "PUBSUB_PROJECT_ID");
     b_env.push(("GOOGLE_CLOUD_PROJECT".into(), PROJECT.into()));
     let b = Server::start_owned(&b_env);
     wait_subscribed(&ts, &b, &subscription("bbbb2222"));
-    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 2));
+    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls()
+        >= 2 * support::OUTSTANDING_PULLS));
     let c = start_emulated(&ts, "cccc3333", "sin");
     wait_subscribed(&ts, &c, &subscription("cccc3333"));
-    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 3));
+    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls()
+        >= 3 * support::OUTSTANDING_PULLS));
 
     // Two clients on each instance; the first client of A is the sender.
     let mut clients: Vec<(String, Client)> = Vec::new();
@@ -401,7 +404,8 @@ fn sigint_deletes_the_subscription_too() {
     let sub = subscription("cccc3333");
     wait_subscribed(&ts, &server, &sub);
     // Long-polling, as it is most of its life.
-    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 1));
+    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls()
+        >= support::OUTSTANDING_PULLS));
     let started = Instant::now();
     server.signal(libc::SIGINT);
     let status = server
@@ -883,7 +887,8 @@ fn check_publish_survives(n: usize, status: u16, alloc: &str) {
     let ts = test_server(Options::default());
     let server = start_emulated(&ts, alloc, "ams");
     wait_subscribed(&ts, &server, &subscription(alloc));
-    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 1));
+    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls()
+        >= support::OUTSTANDING_PULLS));
     let mut c = server.client();
     ts.fail_next(n, status);
     c.send_alert(21);
@@ -919,7 +924,8 @@ fn deleted_subscription_is_recreated() {
     let server = start_emulated(&ts, "ffff6661", "ams");
     let sub = subscription("ffff6661");
     wait_subscribed(&ts, &server, &sub);
-    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 1));
+    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls()
+        >= support::OUTSTANDING_PULLS));
     assert!(ts.delete_subscription(&sub));
     let back = ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.subscriptions().contains(&sub));
     assert!(
@@ -945,7 +951,8 @@ fn deleted_topic_is_recreated_and_alerts_still_arrive() {
     let server = start_emulated(&ts, "ffff6662", "ams");
     let sub = subscription("ffff6662");
     wait_subscribed(&ts, &server, &sub);
-    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 1));
+    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls()
+        >= support::OUTSTANDING_PULLS));
     assert!(ts.delete_topic(TOPIC));
     let mut c = server.client();
     c.send_alert(41);
@@ -1012,7 +1019,8 @@ fn alerts_sent_during_a_ten_second_outage_arrive_once_afterwards() {
     let b = start_emulated(&ts, "ffff6666", "syd");
     wait_subscribed(&ts, &a, &subscription("ffff6665"));
     wait_subscribed(&ts, &b, &subscription("ffff6666"));
-    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= 2));
+    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls()
+        >= 2 * support::OUTSTANDING_PULLS));
     let mut on_a = a.client();
     let mut on_b = b.client();
 
@@ -1142,11 +1150,12 @@ fn immediate_empty_pulls_do_not_busy_loop() {
     c.send_alert(61);
     expect_alert(&mut c, DELIVERY_TIMEOUT, 61, "ams", "gggg7777");
 
-    // Two seconds of idleness: the puller backs off (up to 500 ms per empty
-    // pull) instead of spinning. Fails as soon as it passes the bound.
+    // Two seconds of idleness: all the outstanding pulls together make at
+    // most one pull per 100 ms instead of spinning (20 in 2 s, plus one
+    // already on its way per puller). Fails as soon as it passes the bound.
     let base = count(&ts, is_pull);
     let idle = Duration::from_secs(2);
-    let limit = 50;
+    let limit = 20 + support::OUTSTANDING_PULLS;
     let spun = ts.wait_for(idle, |s| {
         s.requests().iter().filter(|r| is_pull(r)).count() >= base + limit
     });
@@ -1204,4 +1213,66 @@ fn redelivered_message_reaches_clients_once() {
     // The client got it once: its next message is the next alert.
     c.send_alert(72);
     expect_alert(&mut c, DELIVERY_TIMEOUT, 72, "ams", "hhhh8888");
+}
+
+/// The latency of each of `alerts` alerts sent 200 ms apart, through an
+/// instance keeping `pulls` pulls outstanding on a test server that holds
+/// every pull a second to fill a batch, even with messages waiting (as the
+/// real service may).
+fn latencies_with_pulls(pulls: &str, alloc: &str) -> Vec<Duration> {
+    let ts = test_server(Options {
+        pull_fill_wait: Duration::from_secs(1),
+        ..Default::default()
+    });
+    let mut env = emulator_env(&ts, alloc, "ams");
+    env.push(("PUBSUB_OUTSTANDING_PULLS".into(), pulls.into()));
+    let server = Server::start_owned(&env);
+    wait_subscribed(&ts, &server, &subscription(alloc));
+    let wanted: usize = pulls.parse().unwrap();
+    // Every pull open for more than its fill wait, as after any quiet second.
+    assert!(ts.wait_for(SUBSCRIBE_TIMEOUT, |s| s.held_pulls() >= wanted));
+    std::thread::sleep(Duration::from_millis(1100));
+    let mut sender = server.client();
+    let mut watcher = server.client();
+    // The watcher notes when each alert arrives while the sender goes on.
+    let arrivals = std::thread::spawn(move || {
+        (0..4u64)
+            .map(|k| {
+                let alert = watcher.next_json_within(DELIVERY_TIMEOUT);
+                assert_eq!(alert["timestamp"], 100 + k, "{alert}");
+                Instant::now()
+            })
+            .collect::<Vec<_>>()
+    });
+    let mut sent = Vec::new();
+    let start = Instant::now();
+    for k in 0..4u64 {
+        let due = start + Duration::from_millis(200 * k);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        sent.push(Instant::now());
+        sender.send_alert(100 + k);
+    }
+    let arrivals = arrivals.join().expect("the watcher panicked");
+    sent.iter()
+        .zip(arrivals)
+        .map(|(sent, arrived)| arrived.saturating_duration_since(*sent))
+        .collect()
+}
+
+#[test]
+fn several_outstanding_pulls_hide_a_pull_held_to_fill_a_batch() {
+    // One pull: once it has answered the first alert, the next pull is
+    // held a second, so the alerts behind it wait for it.
+    let one = latencies_with_pulls("1", "hhhh8881");
+    // Four pulls: the ones still open take the next alerts at once.
+    let four = latencies_with_pulls("4", "hhhh8884");
+    let slowest = |l: &[Duration]| l.iter().max().copied().unwrap_or_default();
+    assert!(
+        slowest(&one) >= Duration::from_millis(600),
+        "one pull: {one:?}"
+    );
+    assert!(
+        slowest(&four) < Duration::from_millis(400),
+        "four pulls: {four:?} (one pull: {one:?})"
+    );
 }

@@ -1106,6 +1106,7 @@ fn pull(shared: &Shared, name: &str, body: &[u8]) -> Result<Reply, ApiError> {
         }
         let now = Instant::now();
         let nonce = state.nonce;
+        let fill_wait = state.pull_fill_wait;
         // The same subscription, not a new one created under the same name meanwhile.
         let Some(sub) = state.subscriptions.get_mut(name).filter(|s| s.uid == uid) else {
             break Err(ApiError::not_found(short(name)));
@@ -1118,19 +1119,31 @@ fn pull(shared: &Shared, name: &str, body: &[u8]) -> Result<Reply, ApiError> {
         let Some(sub) = state.subscriptions.get_mut(name).filter(|s| s.uid == uid) else {
             break Err(ApiError::not_found(short(name)));
         };
-        if sub.has_deliverable() {
+        // With a fill wait, a pull that has messages still holds them until its batch
+        // is full or the wait (counted from the start of the pull, re-read each time so
+        // `set_pull_fill_wait` reaches held pulls) is over. The messages stay pending
+        // meanwhile, so whichever concurrent pull answers first takes them, and they are
+        // leased only by the `deliver` below, under the same lock: never handed twice.
+        let fill_until = start
+            .checked_add(fill_wait)
+            .map_or(hold_until, |t| t.min(hold_until));
+        if sub.has_deliverable() && (immediate || now >= fill_until || sub.deliverable() >= max) {
             let received = sub.deliver(max, now, nonce);
             break Ok(Reply::json(200, json!({ "receivedMessages": received })));
         }
-        if immediate || now >= hold_until {
+        if !sub.has_deliverable() && (immediate || now >= hold_until) {
             // An empty response is the empty message.
             break Ok(Reply::json(200, json!({})));
         }
-        // Wake for a publish/nack/delete (notify), or when a lease expires and its
-        // message becomes deliverable again, or at the end of the hold.
-        let wake = sub
-            .next_lease_expiry()
-            .map_or(hold_until, |t| t.min(hold_until));
+        // Wake for a publish/nack/delete/knob change (notify), or when a lease expires
+        // and its message becomes deliverable again, or at the end of the fill wait
+        // (if there is something to fill) or of the hold.
+        let until = if sub.has_deliverable() {
+            fill_until
+        } else {
+            hold_until
+        };
+        let wake = sub.next_lease_expiry().map_or(until, |t| t.min(until));
         if !holding {
             // Announced once per pull (not per wake-up): a broadcast on every re-wait
             // would make concurrent held pulls wake each other forever.

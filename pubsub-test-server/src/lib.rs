@@ -23,10 +23,10 @@
 //! access tokens or self-signed service-account JWTs ("JWT access without OAuth").
 //!
 //! Test knobs ([`PubSubTestServer::fail_next`], [`PubSubTestServer::set_delay`],
-//! [`PubSubTestServer::delete_subscription`], ...) inject the failures a client must
-//! survive, and inspection methods ([`PubSubTestServer::published`],
-//! [`PubSubTestServer::requests`], [`PubSubTestServer::wait_for`], ...) let tests observe
-//! the outcome without sleeping.
+//! [`PubSubTestServer::set_pull_fill_wait`], [`PubSubTestServer::delete_subscription`],
+//! ...) inject the failures and timings a client must survive, and inspection methods
+//! ([`PubSubTestServer::published`], [`PubSubTestServer::requests`],
+//! [`PubSubTestServer::wait_for`], ...) let tests observe the outcome without sleeping.
 //!
 //! # Not emulated
 //! Push, BigQuery and Cloud Storage subscriptions, filters, dead-letter and retry
@@ -48,6 +48,9 @@
 //! * Error messages imitate Google's wording but are not byte-identical; clients should
 //!   branch on `error.code` / `error.status` anyway.
 //! * The fault knobs (`fail_next`, `set_delay`) act on `/v1` calls only, not on `/token`.
+//! * By default a pull answers as soon as any message is deliverable; the real service
+//!   may hold it a little longer to fill the batch. [`Options::pull_fill_wait`] models
+//!   that hold.
 //!
 //! The whole server is blocking `std` threads: one acceptor thread and one thread per
 //! request (pulls block), all state behind one `Mutex` + `Condvar`.
@@ -79,7 +82,24 @@ pub struct Options {
     pub max_pull_hold: Duration,
     /// Answer every `pull` at once, as some emulators do, even when
     /// `returnImmediately` is false. Lets a client's busy-loop back-off be tested.
+    /// Overrides [`Options::pull_fill_wait`].
     pub pulls_return_immediately: bool,
+    /// How long a `pull` that has messages to return is held to fill its batch, counted
+    /// from when the pull began, as the real service may hold a pull for a moment before
+    /// answering. Zero (the default) answers as soon as any message is deliverable.
+    ///
+    /// When non-zero, a pull that finds messages, or is woken by their arrival, answers
+    /// once this much time has passed since it began, or as soon as `maxMessages`
+    /// messages are deliverable, whichever comes first, with everything deliverable by
+    /// then (up to `maxMessages`), including messages published during the hold. A pull
+    /// that is still empty when the wait is over answers as soon as a message arrives.
+    /// No pull is held past [`Options::max_pull_hold`], and `returnImmediately` pulls
+    /// (or [`Options::pulls_return_immediately`]) never wait. Messages stay deliverable
+    /// to every pull until one answers with them, so concurrent held pulls share them
+    /// out rather than each waiting on the same ones. Outages, deletion and shutdown
+    /// end held pulls as usual. Changed at run time with
+    /// [`PubSubTestServer::set_pull_fill_wait`].
+    pub pull_fill_wait: Duration,
 }
 
 impl Default for Options {
@@ -88,6 +108,7 @@ impl Default for Options {
             auth: Auth::None,
             max_pull_hold: Duration::from_secs(10),
             pulls_return_immediately: false,
+            pull_fill_wait: Duration::ZERO,
         }
     }
 }
@@ -209,8 +230,10 @@ impl PubSubTestServer {
             .to_ip()
             .ok_or_else(|| std::io::Error::other("server is not bound to an IP address"))?;
         let http = Arc::new(http);
+        let mut state = State::new();
+        state.pull_fill_wait = opts.pull_fill_wait;
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::new()),
+            state: Mutex::new(state),
             changed: Condvar::new(),
             max_pull_hold: opts.max_pull_hold,
             pulls_return_immediately: opts.pulls_return_immediately,
@@ -272,6 +295,15 @@ impl PubSubTestServer {
     pub fn set_delay(&self, d: Duration) {
         let mut state = self.shared.lock();
         state.delay = d;
+        self.shared.notify(&mut state);
+    }
+
+    /// Sets [`Options::pull_fill_wait`]: how long a pull with messages to return is held
+    /// to fill its batch (zero turns it off). Pulls already held use the new value from
+    /// now on, still counted from when each of them began.
+    pub fn set_pull_fill_wait(&self, d: Duration) {
+        let mut state = self.shared.lock();
+        state.pull_fill_wait = d;
         self.shared.notify(&mut state);
     }
 
@@ -374,8 +406,10 @@ impl PubSubTestServer {
             .map_or(0, |s| s.unacked())
     }
 
-    /// Pulls currently held open waiting for a message. Lets a test wait until a client
-    /// is really long-polling before it publishes or deletes something.
+    /// Pulls currently held open: waiting for a message, or (with
+    /// [`Options::pull_fill_wait`]) holding messages while their batch fills. Lets a
+    /// test wait until a client is really long-polling before it publishes or deletes
+    /// something.
     pub fn held_pulls(&self) -> usize {
         self.shared.lock().held_pulls
     }

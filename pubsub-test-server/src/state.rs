@@ -156,6 +156,11 @@ impl Subscription {
         !self.pending.is_empty()
     }
 
+    /// How many messages a pull could be handed now.
+    pub(crate) fn deliverable(&self) -> usize {
+        self.pending.len()
+    }
+
     /// Leases up to `max` deliverable messages and returns the `ReceivedMessage`s.
     pub(crate) fn deliver(&mut self, max: usize, now: Instant, nonce: u64) -> Vec<Value> {
         let mut out = Vec::new();
@@ -236,6 +241,8 @@ pub(crate) struct State {
     pub(crate) outage_until: Option<Instant>,
     pub(crate) outage_status: u16,
     pub(crate) delay: Duration,
+    /// How long a pull with messages is held to fill its batch (`Options::pull_fill_wait`).
+    pub(crate) pull_fill_wait: Duration,
     pub(crate) requests: Vec<RequestRecord>,
     /// Access tokens issued by `/token`, with their expiry.
     pub(crate) access_tokens: HashMap<String, Instant>,
@@ -276,6 +283,7 @@ impl State {
             outage_until: None,
             outage_status: 503,
             delay: Duration::ZERO,
+            pull_fill_wait: Duration::ZERO,
             ignore_acks: 0,
             token_lifetime: Duration::from_secs(crate::auth::ACCESS_TOKEN_LIFETIME),
             requests: Vec::new(),

@@ -7,12 +7,9 @@ use std::time::{Duration, Instant};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
-use common::{Client, assert_error};
+use common::{Client, SUB, TOPIC, ack_id, assert_error, publish, received, topic_and_subscription};
 use pubsub_test_server::{Options, PubSubTestServer};
 use serde_json::{Value, json};
-
-const TOPIC: &str = "projects/skywatch-test/topics/alerts";
-const SUB: &str = "projects/skywatch-test/subscriptions/alerts-instance-1";
 
 fn start() -> (PubSubTestServer, Client) {
     start_with(Options::default())
@@ -24,34 +21,6 @@ fn start_with(opts: Options) -> (PubSubTestServer, Client) {
     (server, client)
 }
 
-/// Creates TOPIC and SUB (ack deadline 10 s).
-fn topic_and_subscription(client: &Client) {
-    assert_eq!(client.put(&format!("/v1/{TOPIC}"), None).0, 200);
-    let created = client.put(
-        &format!("/v1/{SUB}"),
-        Some(json!({"topic": TOPIC, "ackDeadlineSeconds": 10})),
-    );
-    assert_eq!(created.0, 200, "{created:?}");
-}
-
-fn publish(client: &Client, payloads: &[&[u8]]) -> Vec<String> {
-    let messages: Vec<Value> = payloads
-        .iter()
-        .map(|p| json!({"data": STANDARD.encode(p)}))
-        .collect();
-    let (status, body) = client.post(
-        &format!("/v1/{TOPIC}:publish"),
-        json!({ "messages": messages }),
-    );
-    assert_eq!(status, 200, "{body}");
-    body["messageIds"]
-        .as_array()
-        .expect("messageIds")
-        .iter()
-        .map(|id| id.as_str().expect("messageId is a string").to_owned())
-        .collect()
-}
-
 fn pull(client: &Client, max: i32) -> Vec<Value> {
     let (status, body) = client.post(
         &format!("/v1/{SUB}:pull"),
@@ -59,17 +28,6 @@ fn pull(client: &Client, max: i32) -> Vec<Value> {
     );
     assert_eq!(status, 200, "{body}");
     received(&body)
-}
-
-fn received(body: &Value) -> Vec<Value> {
-    body.get("receivedMessages")
-        .and_then(Value::as_array)
-        .cloned()
-        .unwrap_or_default()
-}
-
-fn ack_id(m: &Value) -> String {
-    m["ackId"].as_str().expect("ackId").to_owned()
 }
 
 #[test]

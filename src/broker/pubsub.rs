@@ -1,13 +1,19 @@
 //! Google Cloud Pub/Sub over its REST API (v1), with ureq: one topic shared
 //! by every instance, one subscription per instance.
 //!
-//! Two threads do the work:
+//! Threads do the work:
 //! - the publisher takes alerts from a bounded queue, batches them (up to
 //!   [`MAX_BATCH`] or [`BATCH_WINDOW`]) into one `topics.publish` call, and
 //!   retries with exponential backoff and jitter until Pub/Sub takes them;
-//! - the puller creates the topic and this instance's subscription, then
-//!   long-polls `subscriptions.pull`, hands each new message to the fan-out
-//!   once (deduplicated by messageId), and acknowledges it.
+//! - several pullers (PUBSUB_OUTSTANDING_PULLS) keep that many
+//!   `subscriptions.pull` requests open at once, each asking for up to
+//!   [`MAX_PULL`] messages; each hands every new message to the fan-out once
+//!   (deduplicated by messageId, across all pullers) and acknowledges its
+//!   batch with one call. Several outstanding pulls is Google's advice for
+//!   low latency with unary pull: the service may hold a pull a while to
+//!   fill a batch, and with one pull everything behind it would wait. The
+//!   first puller to run creates the topic and this instance's subscription;
+//!   the others wait for it.
 //!
 //! This instance's own alerts come back through its subscription like
 //! everyone else's: one delivery path, so exactly-once to local clients is
@@ -23,25 +29,26 @@ use crate::metrics::METRICS;
 use crate::presence::Heartbeat;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use crossbeam_channel::{Receiver, Sender, TrySendError, bounded};
+use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Alerts (and heartbeats) accepted but not yet published. While Pub/Sub is
-/// unreachable they wait here; only when it is full is a client told
-/// `broker_unavailable`.
-const PUBLISH_QUEUE: usize = 10_000;
-/// Most messages in one publish request (Google allows 1,000).
-const MAX_BATCH: usize = 100;
+/// The least room in the queue of alerts (and heartbeats) accepted but not
+/// yet published; `PubSubSettings::queue_capacity` may ask for more. While
+/// Pub/Sub is unreachable they wait here; only when it is full is a client
+/// told `broker_unavailable`.
+const MIN_PUBLISH_QUEUE: usize = 10_000;
+/// Most messages in one publish request (Google's limit).
+const MAX_BATCH: usize = 1000;
 /// How long the publisher waits to fill a batch after its first alert.
 const BATCH_WINDOW: Duration = Duration::from_millis(5);
-/// Most messages asked for in one pull.
-const MAX_PULL: usize = 250;
+/// Most messages asked for in one pull (Google's limit).
+const MAX_PULL: usize = 1000;
 /// Google holds an empty pull for up to about 90 s; the HTTP timeout must be
 /// longer, or every quiet minute would look like a failure.
 const PULL_TIMEOUT: Duration = Duration::from_secs(100);
@@ -50,8 +57,14 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Timeout of the subscription delete at shutdown.
 const DELETE_TIMEOUT: Duration = Duration::from_secs(2);
 /// An empty pull answered faster than this did not wait (some emulators
-/// never do): back off before the next, or the puller would spin.
+/// never do): such pulls are spaced out, or the pullers would spin.
 const EMPTY_PULL_FAST: Duration = Duration::from_millis(500);
+/// Between the starts of two puller threads.
+const PULLER_STAGGER: Duration = Duration::from_millis(25);
+/// Against an endpoint whose empty pulls return at once, all pullers
+/// together make at most one pull per this (10 a second): an alert then
+/// waits at most this long for a pull, and an idle instance stays cheap.
+const IDLE_PULL_GAP: Duration = Duration::from_millis(100);
 /// How often an idle puller checks that its subscription is still attached
 /// to the topic (one GET per instance per interval).
 const SUBSCRIPTION_CHECK: Duration = Duration::from_secs(60);
@@ -70,25 +83,55 @@ pub struct PubSubSettings {
     pub project: String,
     pub topic: String,
     pub subscription: String,
+    /// Pull requests kept open at once (one puller thread each).
+    pub outstanding_pulls: usize,
+    /// Room in the publish queue (at least [`MIN_PUBLISH_QUEUE`]).
+    pub queue_capacity: usize,
 }
 
 pub struct PubSubBroker {
-    queue: Sender<Delivery>,
+    queue: PublishQueue,
     api: Arc<Api>,
-    ready: Arc<AtomicBool>,
     stop: Sender<Instant>,
     publisher_done: Receiver<()>,
-    puller: Arc<PullerState>,
-    puller_done: Receiver<()>,
+    pullers: Arc<Pullers>,
 }
 
-/// What shutdown and the puller share, so a shutdown never races the
-/// puller re-creating the subscription it is deleting.
-#[derive(Default)]
-struct PullerState {
-    stopping: AtomicBool,
-    /// The puller is creating the topic or subscription.
-    setting_up: AtomicBool,
+/// What the puller threads share with each other and with shutdown.
+struct Pullers {
+    ready: AtomicBool,
+    subscription: SubscriptionState,
+    /// Message ids recently handed to the fan-out, by any puller.
+    recent: Mutex<RecentIds>,
+    /// When the next pull may go after one that came back empty at once.
+    next_idle_pull: Mutex<Instant>,
+    /// When an idle puller last checked the subscription's topic.
+    last_check: Mutex<Instant>,
+}
+
+/// Whether this instance's subscription exists, and who is creating it. A
+/// mutex and a condition variable, so that one puller creates while the
+/// others wait, and a shutdown never races a create: it waits for one in
+/// progress, and none starts after it.
+struct SubscriptionState {
+    state: Mutex<Setup>,
+    changed: Condvar,
+}
+
+struct Setup {
+    subscribed: bool,
+    in_progress: bool,
+    stopping: bool,
+    /// Dropped when the subscription first exists: lets the publisher start.
+    first: Option<Sender<()>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking puller cannot leave these half-updated in a way that
+    // matters; carry on with the data.
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl PubSubBroker {
@@ -99,42 +142,61 @@ impl PubSubBroker {
         settings: PubSubSettings,
         deliveries: Sender<Delivery>,
     ) -> std::io::Result<PubSubBroker> {
+        let outstanding_pulls = settings.outstanding_pulls.max(1);
+        let (queue, queue_rx) = PublishQueue::new(settings.queue_capacity.max(MIN_PUBLISH_QUEUE));
+        let queued = Arc::clone(&queue.queued);
         let api = Arc::new(Api::new(settings));
-        let (queue_tx, queue_rx) = bounded(PUBLISH_QUEUE);
         let (stop_tx, stop_rx) = bounded(1);
         let (done_tx, done_rx) = bounded(1);
-        let (puller_done_tx, puller_done_rx) = bounded(1);
-        let puller_state = Arc::new(PullerState::default());
         // Closed (never sent on) once the subscription first exists.
         let (subscribed_tx, subscribed_rx) = bounded::<()>(0);
-        let ready = Arc::new(AtomicBool::new(false));
+        let pullers = Arc::new(Pullers {
+            ready: AtomicBool::new(false),
+            subscription: SubscriptionState {
+                state: Mutex::new(Setup {
+                    subscribed: false,
+                    in_progress: false,
+                    stopping: false,
+                    first: Some(subscribed_tx),
+                }),
+                changed: Condvar::new(),
+            },
+            recent: Mutex::new(RecentIds::new(RECENT_IDS)),
+            next_idle_pull: Mutex::new(Instant::now()),
+            last_check: Mutex::new(Instant::now()),
+        });
         std::thread::Builder::new()
             .name("pubsub-publisher".into())
             .spawn({
                 let api = Arc::clone(&api);
                 move || {
-                    publisher(&api, &queue_rx, &stop_rx, &subscribed_rx);
+                    publisher(&api, &queue_rx, &queued, &stop_rx, &subscribed_rx);
                     let _ = done_tx.send(());
                 }
             })?;
-        std::thread::Builder::new()
-            .name("pubsub-puller".into())
-            .spawn({
-                let (api, ready) = (Arc::clone(&api), Arc::clone(&ready));
-                let state = Arc::clone(&puller_state);
-                move || {
-                    puller(&api, &deliveries, &ready, &state, subscribed_tx);
-                    let _ = puller_done_tx.send(());
-                }
-            })?;
+        for n in 0..outstanding_pulls {
+            std::thread::Builder::new()
+                .name(format!("pubsub-puller-{n}"))
+                .spawn({
+                    let (api, pullers) = (Arc::clone(&api), Arc::clone(&pullers));
+                    let deliveries = deliveries.clone();
+                    move || {
+                        // Staggered starts spread the pulls out in time, and
+                        // their connections: an HTTP server with a thread pool
+                        // can leave one of several connections opened in the
+                        // same instant waiting (tiny_http's, which the test
+                        // server runs on, does).
+                        std::thread::sleep(PULLER_STAGGER * n as u32);
+                        puller(&api, &deliveries, &pullers)
+                    }
+                })?;
+        }
         Ok(PubSubBroker {
-            queue: queue_tx,
+            queue,
             api,
-            ready,
             stop: stop_tx,
             publisher_done: done_rx,
-            puller: puller_state,
-            puller_done: puller_done_rx,
+            pullers,
         })
     }
 }
@@ -145,35 +207,27 @@ impl Broker for PubSubBroker {
     }
 
     fn publish(&self, alert: Alert) -> Result<(), PublishError> {
-        self.queue
-            .try_send(Delivery::Alert(alert))
-            .map_err(|err| match err {
-                TrySendError::Full(_) | TrySendError::Disconnected(_) => PublishError::Unavailable,
-            })
+        self.queue.try_push(Delivery::Alert(alert))
     }
 
     fn publish_presence(&self, beat: Heartbeat) {
-        let _ = self.queue.try_send(Delivery::Presence(beat));
+        let _ = self.queue.try_push(Delivery::Presence(beat));
     }
 
     fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.pullers.ready.load(Ordering::SeqCst)
     }
 
     /// Publishes what is still queued (until shortly before `deadline`), then
     /// deletes this instance's subscription so it stops collecting copies.
     fn shutdown(&self, deadline: Instant) {
-        self.ready.store(false, Ordering::SeqCst);
+        self.pullers.ready.store(false, Ordering::SeqCst);
         let publish_deadline = deadline.checked_sub(DELETE_TIMEOUT).unwrap_or(deadline);
         let _ = self.stop.try_send(publish_deadline);
         let _ = self.publisher_done.recv_deadline(publish_deadline);
-        // SeqCst on both flags: either the puller sees `stopping` before it
-        // creates anything, or we see it `setting_up` and let its create
-        // finish first, so our delete is the last word.
-        self.puller.stopping.store(true, Ordering::SeqCst);
-        if self.puller.setting_up.load(Ordering::SeqCst) {
-            let _ = self.puller_done.recv_deadline(publish_deadline);
-        }
+        // No create starts after this, and one in progress finishes first,
+        // so our delete is the last word.
+        self.pullers.subscription.stop(publish_deadline);
         match self.api.delete_subscription() {
             Ok(()) => crate::info!("deleted subscription {}", self.api.subscription),
             Err(err) => crate::warn!(
@@ -184,9 +238,47 @@ impl Broker for PubSubBroker {
     }
 }
 
+/// The queue of messages accepted but not yet published. It must have room
+/// for every client's whole burst at once (a storm is queued, not refused),
+/// which is tens of thousands of messages; a bounded channel would allocate
+/// all of that at start. So the bound is a count kept beside an unbounded
+/// channel, which allocates as it fills and frees as it drains: the room
+/// costs nothing until a storm uses it.
+struct PublishQueue {
+    sender: Sender<Delivery>,
+    /// Messages in the channel: added by `try_push`, taken off by the
+    /// publisher as it forms each batch.
+    queued: Arc<AtomicUsize>,
+    capacity: usize,
+}
+
+impl PublishQueue {
+    fn new(capacity: usize) -> (PublishQueue, Receiver<Delivery>) {
+        let (sender, receiver) = unbounded();
+        let queue = PublishQueue {
+            sender,
+            queued: Arc::new(AtomicUsize::new(0)),
+            capacity,
+        };
+        (queue, receiver)
+    }
+
+    fn try_push(&self, delivery: Delivery) -> Result<(), PublishError> {
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= self.capacity {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            return Err(PublishError::Unavailable);
+        }
+        self.sender.send(delivery).map_err(|_| {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            PublishError::Unavailable
+        })
+    }
+}
+
 fn publisher(
     api: &Api,
     queue: &Receiver<Delivery>,
+    queued: &AtomicUsize,
     stop: &Receiver<Instant>,
     subscribed: &Receiver<()>,
 ) {
@@ -228,6 +320,7 @@ fn publisher(
                 }
             }
         }
+        queued.fetch_sub(batch.len(), Ordering::AcqRel);
         publish_with_retry(api, &batch, stop, &mut deadline);
         batch.clear();
     }
@@ -302,45 +395,21 @@ fn publish_with_retry(
     }
 }
 
-fn puller(
-    api: &Api,
-    deliveries: &Sender<Delivery>,
-    ready: &AtomicBool,
-    state: &PullerState,
-    subscribed_signal: Sender<()>,
-) {
-    let mut subscribed_signal = Some(subscribed_signal);
-    let mut recent = RecentIds::new(RECENT_IDS);
+/// One of the puller threads: makes sure the subscription exists, then
+/// pulls, hands new messages to the fan-out, and acknowledges them, until
+/// shutdown.
+fn puller(api: &Api, deliveries: &Sender<Delivery>, pullers: &Pullers) {
     let mut errors = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-    let mut empty = Backoff::new(Duration::from_millis(50), EMPTY_PULL_FAST);
-    let mut subscribed = false;
-    let mut last_check = Instant::now();
     loop {
-        if !subscribed {
-            state.setting_up.store(true, Ordering::SeqCst);
-            if state.stopping.load(Ordering::SeqCst) {
-                return;
+        match pullers.subscription.ensure(api) {
+            Subscribed::Yes => errors.reset(),
+            Subscribed::NotYet => {
+                std::thread::sleep(errors.next());
+                continue;
             }
-            let created = api.create_topic().and_then(|()| api.create_subscription());
-            state.setting_up.store(false, Ordering::SeqCst);
-            if state.stopping.load(Ordering::SeqCst) {
-                return; // shutdown deletes the subscription after we return
-            }
-            match created {
-                Ok(()) => {
-                    crate::info!("subscribed to {} as {}", api.topic, api.subscription);
-                    subscribed = true;
-                    drop(subscribed_signal.take()); // lets the publisher start
-                    errors.reset();
-                }
-                Err(err) => {
-                    crate::warn!("cannot set up subscription {}: {err}", api.subscription);
-                    std::thread::sleep(errors.next());
-                    continue;
-                }
-            }
+            Subscribed::Stopping => return,
         }
-        ready.store(true, Ordering::SeqCst);
+        pullers.ready.store(true, Ordering::SeqCst);
         let started = Instant::now();
         let pulled = api.pull();
         METRICS.pull_duration.observe(started.elapsed());
@@ -350,29 +419,32 @@ fn puller(
         match pulled {
             Ok(received) if received.is_empty() => {
                 if started.elapsed() < EMPTY_PULL_FAST {
-                    std::thread::sleep(empty.next());
+                    pullers.wait_idle_turn();
                 }
                 // A quiet subscription may be one detached from a deleted and
                 // recreated topic: look, once in a while.
-                if last_check.elapsed() >= SUBSCRIPTION_CHECK {
-                    last_check = Instant::now();
-                    if let Err(err) = api.reattach_subscription() {
-                        crate::warn!("cannot check subscription {}: {err}", api.subscription);
-                    }
+                if pullers.check_due()
+                    && let Err(err) = api.reattach_subscription()
+                {
+                    crate::warn!("cannot check subscription {}: {err}", api.subscription);
                 }
             }
             Ok(received) => {
-                empty.reset();
                 errors.reset();
-                let mut ack_ids = Vec::with_capacity(received.len());
-                for message in received {
-                    ack_ids.push(message.ack_id);
-                    if !recent.insert(&message.message_id) {
-                        continue; // a redelivery: its clients already have it
-                    }
-                    if let Some(delivery) = message.delivery
-                        && deliveries.send(delivery).is_err()
-                    {
+                let ack_ids: Vec<String> = received.iter().map(|m| m.ack_id.clone()).collect();
+                // Dedupe under one lock for the whole batch: a redelivered
+                // message may reach two pullers at once, and only one may
+                // hand it on.
+                let fresh: Vec<Delivery> = {
+                    let mut recent = lock(&pullers.recent);
+                    received
+                        .into_iter()
+                        .filter(|message| recent.insert(&message.message_id))
+                        .filter_map(|message| message.delivery)
+                        .collect()
+                };
+                for delivery in fresh {
+                    if deliveries.send(delivery).is_err() {
                         return; // the fan-out has stopped: shutting down
                     }
                 }
@@ -381,16 +453,121 @@ fn puller(
                     crate::warn!("acknowledge failed: {err}");
                 }
             }
-            Err(_) if state.stopping.load(Ordering::SeqCst) => return,
+            Err(_) if pullers.subscription.is_stopping() => return,
             Err(err) if err.status() == Some(404) => {
-                ready.store(false, Ordering::SeqCst);
+                pullers.ready.store(false, Ordering::SeqCst);
                 crate::warn!("subscription {} is gone; recreating it", api.subscription);
-                subscribed = false;
+                pullers.subscription.lost();
             }
             Err(err) => {
                 crate::warn!("pull failed: {err}");
                 std::thread::sleep(errors.next());
             }
+        }
+    }
+}
+
+impl Pullers {
+    /// Waits for this puller's turn after a pull that came back empty at
+    /// once: turns are [`IDLE_PULL_GAP`] apart, whatever the number of
+    /// pullers.
+    fn wait_idle_turn(&self) {
+        let turn = {
+            let mut next = lock(&self.next_idle_pull);
+            let turn = (*next).max(Instant::now());
+            *next = turn + IDLE_PULL_GAP;
+            turn
+        };
+        std::thread::sleep(turn.saturating_duration_since(Instant::now()));
+    }
+
+    /// Whether it is time (for this puller, and none other) to check the
+    /// subscription's topic.
+    fn check_due(&self) -> bool {
+        let mut last = lock(&self.last_check);
+        if last.elapsed() >= SUBSCRIPTION_CHECK {
+            *last = Instant::now();
+            true
+        } else {
+            false
+        }
+    }
+}
+
+enum Subscribed {
+    Yes,
+    /// Creating it failed (logged): back off and try again.
+    NotYet,
+    Stopping,
+}
+
+impl SubscriptionState {
+    /// Makes sure the topic and this instance's subscription exist: one
+    /// puller creates them while the others wait for it.
+    fn ensure(&self, api: &Api) -> Subscribed {
+        let mut state = lock(&self.state);
+        loop {
+            if state.stopping {
+                return Subscribed::Stopping;
+            }
+            if state.subscribed {
+                return Subscribed::Yes;
+            }
+            if !state.in_progress {
+                break;
+            }
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        state.in_progress = true;
+        drop(state);
+        let created = api.create_topic().and_then(|()| api.create_subscription());
+        let mut state = lock(&self.state);
+        state.in_progress = false;
+        self.changed.notify_all();
+        if state.stopping {
+            return Subscribed::Stopping; // shutdown deletes it after this
+        }
+        match created {
+            Ok(()) => {
+                crate::info!("subscribed to {} as {}", api.topic, api.subscription);
+                state.subscribed = true;
+                drop(state.first.take()); // lets the publisher start
+                Subscribed::Yes
+            }
+            Err(err) => {
+                crate::warn!("cannot set up subscription {}: {err}", api.subscription);
+                Subscribed::NotYet
+            }
+        }
+    }
+
+    /// A pull found the subscription gone: the next `ensure` recreates it.
+    fn lost(&self) {
+        lock(&self.state).subscribed = false;
+    }
+
+    fn is_stopping(&self) -> bool {
+        lock(&self.state).stopping
+    }
+
+    /// Stops all creating: waits (until `deadline`) for a create in
+    /// progress, and lets none start after.
+    fn stop(&self, deadline: Instant) {
+        let mut state = lock(&self.state);
+        state.stopping = true;
+        while state.in_progress {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|poisoned| poisoned.into_inner())
+                .0;
         }
     }
 }
@@ -456,6 +633,8 @@ struct Api {
 fn agent(timeout: Duration) -> ureq::Agent {
     ureq::Agent::config_builder()
         .timeout_global(Some(timeout))
+        // Every puller keeps its connection between pulls.
+        .max_idle_connections_per_host(16)
         .http_status_as_error(false)
         .build()
         .new_agent()
@@ -572,13 +751,15 @@ impl Api {
             attributes: HashMap<String, String>,
         }
         let path = format!("{}:pull", self.subscription);
-        let answer = self.call(
+        // Parsed straight into its types: an answer of 1,000 messages as a
+        // generic JSON tree first would cost several times its size.
+        let answer = self.call_text(
             &self.pulls,
             "POST",
             &path,
             Some(json!({ "maxMessages": MAX_PULL })),
         )?;
-        let response: PullResponse = serde_json::from_value(answer)
+        let response: PullResponse = serde_json::from_str(&answer)
             .map_err(|err| ApiError::Transport(format!("malformed pull response: {err}")))?;
         Ok(response
             .received_messages
@@ -625,8 +806,7 @@ impl Api {
         .map(drop)
     }
 
-    /// One call, with one retry after a 401 (the token may have been revoked
-    /// or expired early).
+    /// One call whose JSON answer is read as a generic value.
     fn call(
         &self,
         agent: &ureq::Agent,
@@ -634,6 +814,19 @@ impl Api {
         path: &str,
         body: Option<Value>,
     ) -> Result<Value, ApiError> {
+        let text = self.call_text(agent, method, path, body)?;
+        Ok(parse_answer(&text))
+    }
+
+    /// One call, with one retry after a 401 (the token may have been revoked
+    /// or expired early); the text of a successful answer.
+    fn call_text(
+        &self,
+        agent: &ureq::Agent,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<String, ApiError> {
         let body = body.map(|b| b.to_string());
         let mut token = self.token()?;
         for attempt in 0..2 {
@@ -666,7 +859,7 @@ impl Api {
         path: &str,
         body: Option<&str>,
         token: Option<&str>,
-    ) -> Result<Value, ApiError> {
+    ) -> Result<String, ApiError> {
         let url = format!("{}/v1/{path}", self.endpoint);
         let mut request = ureq::http::Request::builder().method(method).uri(&url);
         if let Some(token) = token {
@@ -688,14 +881,10 @@ impl Api {
             .map_err(|err| {
                 ApiError::Transport(format!("{method} {url}: unreadable answer: {err}"))
             })?;
-        let value: Value = if text.trim().is_empty() {
-            json!({})
-        } else {
-            serde_json::from_str(&text).unwrap_or_else(|_| json!({ "raw": text }))
-        };
         if (200..300).contains(&code) {
-            return Ok(value);
+            return Ok(text);
         }
+        let value = parse_answer(&text);
         // Google's error shape: {"error":{"code","message","status"}}.
         let error = &value["error"];
         Err(ApiError::Status {
@@ -706,6 +895,16 @@ impl Api {
                 .map(str::to_string)
                 .unwrap_or_else(|| text.chars().take(200).collect()),
         })
+    }
+}
+
+/// An answer's JSON, or the raw text kept under `raw` when it is not JSON
+/// (a proxy's error page, say), so it can still be shown.
+fn parse_answer(text: &str) -> Value {
+    if text.trim().is_empty() {
+        json!({})
+    } else {
+        serde_json::from_str(text).unwrap_or_else(|_| json!({ "raw": text }))
     }
 }
 

@@ -371,6 +371,11 @@ impl Server {
 /// The project every Pub/Sub test uses.
 pub const PUBSUB_PROJECT: &str = "skywatch-test";
 
+/// Pull requests an instance keeps open at once (PUBSUB_OUTSTANDING_PULLS's
+/// default). A test that injects failures waits until all of them are held,
+/// so the failures meet the call it means them for.
+pub const OUTSTANDING_PULLS: usize = 4;
+
 /// The environment that joins an instance to the Pub/Sub emulator (or test
 /// server) at `emulator`, as `alloc` in `region`.
 pub fn emulator_env(emulator: SocketAddr, alloc: &str, region: &str) -> Vec<(String, String)> {
@@ -420,11 +425,32 @@ pub struct Client {
     pub response: Response,
     /// Whether reads return PRESENCE updates (see [`Client::poll_until`]).
     pub presence: bool,
+    /// Ids of the ACCEPTED replies read so far, oldest first: reads set
+    /// them aside (see [`Client::poll_until`]); [`Client::next_accepted`]
+    /// takes them.
+    pub accepted: std::collections::VecDeque<String>,
+    /// Set while [`Client::next_accepted`] reads.
+    awaiting_accepted: bool,
 }
 
 /// Whether a text message is a PRESENCE update.
 fn is_presence(text: &str) -> bool {
     serde_json::from_str::<Value>(text).is_ok_and(|v| v["message"] == "PRESENCE")
+}
+
+/// The id of an ACCEPTED reply, if `text` is one.
+fn accepted_id(text: &str) -> Option<String> {
+    let v = serde_json::from_str::<Value>(text).ok()?;
+    if v["message"] != "ACCEPTED" {
+        return None;
+    }
+    assert_eq!(keys(&v), key_set(&["message", "id"]), "ACCEPTED shape: {v}");
+    Some(
+        v["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("ACCEPTED id is not a string: {v}"))
+            .to_string(),
+    )
 }
 
 fn tcp_connect(addr: SocketAddr) -> io::Result<TcpStream> {
@@ -470,6 +496,8 @@ pub fn try_connect_path(
             ws,
             response,
             presence: false,
+            accepted: Default::default(),
+            awaiting_accepted: false,
         }),
         Err(HandshakeError::Failure(WsError::Http(resp))) => {
             Err(ConnectError::Status(resp.status().as_u16()))
@@ -485,6 +513,36 @@ pub fn try_connect_path(
 /// greeting.
 pub fn connect(addr: SocketAddr) -> Client {
     try_connect(addr, None).unwrap_or_else(|e| panic!("ws connect to {addr} failed: {e:?}"))
+}
+
+/// The loopback address of person `n` (from 0) when a test plays several
+/// people: 127.0.x.y, a different one for each, so per-address logic is
+/// exercised as on the internet.
+pub fn person(n: usize) -> std::net::Ipv4Addr {
+    let n = n + 10;
+    std::net::Ipv4Addr::new(127, 0, (n / 250) as u8, (n % 250 + 1) as u8)
+}
+
+/// Connects from the loopback address `from` (see [`person`]) and consumes
+/// the `CONNECTED` greeting.
+pub fn connect_from(addr: SocketAddr, from: std::net::Ipv4Addr) -> Client {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .unwrap_or_else(|e| panic!("socket: {e}"));
+    socket
+        .bind(&SocketAddr::from((from, 0)).into())
+        .unwrap_or_else(|e| panic!("bind to {from}: {e}"));
+    socket
+        .connect_timeout(&addr.into(), TIMEOUT)
+        .unwrap_or_else(|e| panic!("connect from {from} to {addr}: {e}"));
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let mut c = try_connect_over(stream, addr, None)
+        .unwrap_or_else(|e| panic!("ws connect from {from} to {addr}: {e:?}"));
+    let hello = c.next_json();
+    assert_eq!(hello["message"], "CONNECTED", "unexpected greeting {hello}");
+    c
 }
 
 /// Connects and consumes the `CONNECTED` greeting.
@@ -573,7 +631,10 @@ impl Client {
     /// deadline passed; `Some(Err)` on a connection error.
     /// PRESENCE updates are skipped unless the client asked to see them
     /// ([`Client::with_presence`]): they arrive whenever the watcher count
-    /// changes, which most tests do not care about.
+    /// changes, which most tests do not care about. ACCEPTED replies are set
+    /// aside in [`Client::accepted`]: they come in no fixed order with the
+    /// alert itself, and tests of them read them with
+    /// [`Client::next_accepted`].
     pub fn poll_until(&mut self, deadline: Instant) -> Option<Result<Message, WsError>> {
         loop {
             let remaining = deadline.saturating_duration_since(Instant::now());
@@ -584,7 +645,37 @@ impl Client {
             match self.ws.read() {
                 Err(WsError::Io(e)) if is_timeout(&e) => return None,
                 Ok(Message::Text(t)) if !self.presence && is_presence(t.as_str()) => {}
+                Ok(Message::Text(t)) if t.as_str().contains("\"ACCEPTED\"") => {
+                    match accepted_id(t.as_str()) {
+                        Some(id) => {
+                            self.accepted.push_back(id);
+                            if self.awaiting_accepted {
+                                return None;
+                            }
+                        }
+                        None => return Some(Ok(Message::Text(t))),
+                    }
+                }
                 other => return Some(other),
+            }
+        }
+    }
+
+    /// The id of the next ACCEPTED reply (one already read, or the next to
+    /// arrive within `TIMEOUT`); any other message read meanwhile is lost.
+    pub fn next_accepted(&mut self) -> String {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(id) = self.accepted.pop_front() {
+                return id;
+            }
+            assert!(Instant::now() < deadline, "no ACCEPTED within {TIMEOUT:?}");
+            // Returns (None) as soon as an ACCEPTED is set aside.
+            self.awaiting_accepted = true;
+            let read = self.poll_until(deadline);
+            self.awaiting_accepted = false;
+            if let Some(Err(e)) = read {
+                panic!("connection error waiting for ACCEPTED: {e}");
             }
         }
     }

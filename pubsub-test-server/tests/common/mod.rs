@@ -4,7 +4,12 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use serde_json::{Value, json};
+
+pub const TOPIC: &str = "projects/skywatch-test/topics/alerts";
+pub const SUB: &str = "projects/skywatch-test/subscriptions/alerts-instance-1";
 
 pub struct Client {
     agent: ureq::Agent,
@@ -100,4 +105,58 @@ pub fn assert_error(answer: &Answer, code: u16, status: &str) -> String {
         .as_str()
         .expect("error.message is a string")
         .to_owned()
+}
+
+/// Creates TOPIC and SUB (ack deadline 10 s).
+pub fn topic_and_subscription(client: &Client) {
+    assert_eq!(client.put(&format!("/v1/{TOPIC}"), None).0, 200);
+    let created = client.put(
+        &format!("/v1/{SUB}"),
+        Some(json!({"topic": TOPIC, "ackDeadlineSeconds": 10})),
+    );
+    assert_eq!(created.0, 200, "{created:?}");
+}
+
+/// Publishes to TOPIC; returns the messageIds.
+pub fn publish(client: &Client, payloads: &[&[u8]]) -> Vec<String> {
+    let messages: Vec<Value> = payloads
+        .iter()
+        .map(|p| json!({"data": STANDARD.encode(p)}))
+        .collect();
+    let (status, body) = client.post(
+        &format!("/v1/{TOPIC}:publish"),
+        json!({ "messages": messages }),
+    );
+    assert_eq!(status, 200, "{body}");
+    body["messageIds"]
+        .as_array()
+        .expect("messageIds")
+        .iter()
+        .map(|id| id.as_str().expect("messageId is a string").to_owned())
+        .collect()
+}
+
+/// The `receivedMessages` of a pull answer (none if left out).
+pub fn received(body: &Value) -> Vec<Value> {
+    body.get("receivedMessages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default()
+}
+
+pub fn ack_id(m: &Value) -> String {
+    m["ackId"].as_str().expect("ackId").to_owned()
+}
+
+/// The messageIds of received messages, in order.
+pub fn message_ids(messages: &[Value]) -> Vec<String> {
+    messages
+        .iter()
+        .map(|m| {
+            m["message"]["messageId"]
+                .as_str()
+                .expect("messageId")
+                .to_owned()
+        })
+        .collect()
 }
