@@ -22,6 +22,8 @@ pub enum ServerMessage<'a> {
         id: Option<&'a [u8]>,
         count: u64,
         regions_total: Option<u64>,
+        /// A replay, like an alert's.
+        replayed: bool,
     },
     /// `ACCEPTED`: to the sender only, its press went out.
     Accepted,
@@ -41,17 +43,16 @@ pub fn classify(text: &[u8]) -> ServerMessage<'_> {
     };
     let get = |key: &[u8]| top.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
     let id = get(b"id").and_then(string);
+    let replayed = get(b"replayed") == Some(&b"true"[..]);
     match get(b"message").and_then(string) {
-        Some(b"ALIEN_LANDING") => ServerMessage::Alert {
-            id,
-            replayed: get(b"replayed") == Some(&b"true"[..]),
-        },
+        Some(b"ALIEN_LANDING") => ServerMessage::Alert { id, replayed },
         Some(b"ALIEN_LANDING_SUMMARY") => ServerMessage::Summary {
             id,
             count: get(b"count").and_then(number).unwrap_or(0),
             regions_total: get(b"regions")
                 .and_then(fields)
                 .and_then(|regions| regions.iter().map(|(_, n)| number(n)).sum::<Option<u64>>()),
+            replayed,
         },
         Some(b"ACCEPTED") => ServerMessage::Accepted,
         Some(b"ERROR") => ServerMessage::Error {
@@ -200,7 +201,8 @@ mod tests {
             ServerMessage::Summary {
                 id: Some(b"ab"),
                 count: 3990,
-                regions_total: Some(3990)
+                regions_total: Some(3990),
+                replayed: false
             }
         );
         // A region called "count" is the region's, not the summary's.
@@ -210,7 +212,8 @@ mod tests {
             ServerMessage::Summary {
                 id: Some(b"cd"),
                 count: 7,
-                regions_total: Some(6)
+                regions_total: Some(6),
+                replayed: false
             }
         );
         let regions_first =

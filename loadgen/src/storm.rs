@@ -152,10 +152,15 @@ impl Account {
                 id,
                 count,
                 regions_total,
+                replayed,
             } => {
                 let Some(since) = since else {
                     return Taken::Ignored;
                 };
+                if replayed {
+                    self.replayed += 1;
+                    return Taken::Ignored;
+                }
                 self.check_id(id, ids);
                 self.summaries += 1;
                 self.summarized += count;
@@ -739,9 +744,11 @@ mod tests {
         );
         let replay = r#"{"message":"ALIEN_LANDING","timestamp":1,"replayed":true,"id":"r"}"#;
         assert_eq!(take(&mut a, &mut ids, replay, ms(1)), Taken::Ignored);
+        let replay = r#"{"message":"ALIEN_LANDING_SUMMARY","id":"q","count":9,"regions":{"a":9},"from":1,"to":2,"replayed":true}"#;
+        assert_eq!(take(&mut a, &mut ids, replay, ms(1)), Taken::Ignored);
         let presence = r#"{"message":"PRESENCE","regions":{"syd":4000},"total":4000}"#;
         assert_eq!(take(&mut a, &mut ids, presence, ms(1)), Taken::Ignored);
-        assert_eq!((a.accounted(), a.replayed), (0, 1));
+        assert_eq!((a.accounted(), a.replayed), (0, 2));
         assert!(a.gains.is_empty());
     }
 
