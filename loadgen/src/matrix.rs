@@ -1,5 +1,5 @@
 //! The standard matrix behind `make bench`: every number BENCHMARKS.md keeps
-//! in its generated section, measured in one go (about four minutes).
+//! in its generated section, measured in one go (about five and a half minutes).
 //!
 //! 1. local, 1,000 clients (×runs): start RSS, RSS per client, idle CPU,
 //!    CPU per delivered message, latency; once more with a 65 s idle window,
@@ -466,7 +466,7 @@ fn render(r: &Rendering<'_>) -> String {
         let _ = writeln!(
             out,
             "- Broker path (Pub/Sub test server, 3 instances, against local with as many clients): \
-             +{:.2} ms min, +{:.2} ms p50, +{:.2} ms p99.",
+             {:+.2} ms min, {:+.2} ms p50, {:+.2} ms p99.",
             pubsub.latency(|p| p.min) - local.latency(|p| p.min),
             pubsub.latency(|p| p.p50) - local.latency(|p| p.p50),
             pubsub.latency(|p| p.p99) - local.latency(|p| p.p99),
@@ -477,8 +477,8 @@ fn render(r: &Rendering<'_>) -> String {
         let _ = writeln!(
             out,
             "- Pulls that return at once (Pub/Sub test server `--pulls-return-immediately`, \
-             1 instance, against local with as many clients): +{:.2} ms min, +{:.2} ms p50, \
-             +{:.2} ms p99.",
+             1 instance, against local with as many clients): {:+.2} ms min, {:+.2} ms p50, \
+             {:+.2} ms p99.",
             immediate.latency(|p| p.min) - local.latency(|p| p.min),
             immediate.latency(|p| p.p50) - local.latency(|p| p.p50),
             immediate.latency(|p| p.p99) - local.latency(|p| p.p99),
