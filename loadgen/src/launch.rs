@@ -129,7 +129,8 @@ impl Process {
 
 /// Settings every benchmarked instance gets: a free port, room for all the
 /// clients, quiet logs, and (with `raise_rate_limits`) rate limits that never
-/// refuse the one client that sends; a storm keeps the server's defaults.
+/// refuse the one client that sends nor the one address all clients share; a
+/// storm keeps the server's defaults, its clients each on their own address.
 pub fn skywatch_command(
     bin: &Path,
     extra_env: &[(String, String)],
@@ -159,9 +160,14 @@ pub fn skywatch_command(
         .env("MAX_CONNECTIONS", "100000")
         .env("LOG_LEVEL", "info");
     if raise_rate_limits {
+        // Every client of a run comes from 127.0.0.1, so the limits per
+        // source address (a server that has none ignores them) go up too.
         command
             .env("ALERTS_PER_SECOND", "1000")
-            .env("ALERT_BURST", "1000");
+            .env("ALERT_BURST", "1000")
+            .env("ADDRESS_ALERTS_PER_SECOND", "1000")
+            .env("ADDRESS_ALERT_BURST", "1000")
+            .env("ADDRESS_MAX_CONNECTIONS", "100000");
     }
     for (name, value) in extra_env {
         command.env(name, value);
