@@ -41,8 +41,8 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
     ),
     (
         "MAX_CONNECTIONS",
-        "10000",
-        "most WebSocket clients at once; more get HTTP 503",
+        "what this machine's memory holds",
+        "most WebSocket clients at once; more get HTTP 503 (the log says how the default was derived)",
     ),
     (
         "ALERTS_PER_SECOND",
@@ -53,6 +53,31 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "ALERT_BURST",
         "5",
         "alerts a connection may send at once before the rate applies",
+    ),
+    (
+        "ADDRESS_ALERTS_PER_SECOND",
+        "20",
+        "alert rate of one source address, whatever its connections (decimals allowed)",
+    ),
+    (
+        "ADDRESS_ALERT_BURST",
+        "300",
+        "alerts one source address may send at once: a NAT of a few hundred people pressing together",
+    ),
+    (
+        "ADDRESS_MAX_CONNECTIONS",
+        "300",
+        "most WebSockets from one source address (IPv6: one /64) at once; more get HTTP 429",
+    ),
+    (
+        "CONTROL_PER_SECOND",
+        "10",
+        "pings and invalid messages one source address may send per second (burst: twice that); past it, close 1008",
+    ),
+    (
+        "CLIENT_IP_HEADER",
+        "unset",
+        "request header holding the client's address, set by a proxy you trust (Fly: Fly-Client-IP); unset: the peer address",
     ),
     (
         "STORM_ALERTS_PER_SECOND",
@@ -140,9 +165,16 @@ pub struct Config {
     pub region: String,
     /// Normalized origins (`scheme://host[:port]`, lowercase, no default port).
     pub allowed_origins: Vec<String>,
-    pub max_connections: usize,
+    /// None: derived from this machine's memory at start (`limits.rs`).
+    pub max_connections: Option<usize>,
     pub alerts_per_second: f64,
     pub alert_burst: u32,
+    pub address_alerts_per_second: f64,
+    pub address_alert_burst: u32,
+    pub address_max_connections: usize,
+    pub control_per_second: f64,
+    /// The header a trusted proxy puts the client's address in.
+    pub client_ip_header: Option<String>,
     pub storm_alerts_per_second: usize,
     pub storm_summary: Duration,
     pub ping_interval: Duration,
@@ -222,11 +254,10 @@ impl Config {
                 .value
                 .unwrap_or_else(|| "LOCAL_REGION".to_string()),
             allowed_origins: parse_origins(var("ALLOWED_ORIGINS"))?,
-            max_connections: var("MAX_CONNECTIONS").parse_if(
-                10_000,
-                |n: &usize| *n > 0,
-                "expected a positive integer",
-            )?,
+            max_connections: match var("MAX_CONNECTIONS") {
+                v if v.value.is_none() => None,
+                v => Some(v.parse_if(0, |n: &usize| *n > 0, "expected a positive integer")?),
+            },
             alerts_per_second: var("ALERTS_PER_SECOND").parse_if(
                 1.0,
                 |n: &f64| n.is_finite() && *n > 0.0,
@@ -237,6 +268,34 @@ impl Config {
                 |n: &u32| *n > 0,
                 "expected a positive integer",
             )?,
+            address_alerts_per_second: var("ADDRESS_ALERTS_PER_SECOND").parse_if(
+                20.0,
+                |n: &f64| n.is_finite() && *n > 0.0,
+                "expected a positive number",
+            )?,
+            address_alert_burst: var("ADDRESS_ALERT_BURST").parse_if(
+                300,
+                |n: &u32| *n > 0,
+                "expected a positive integer",
+            )?,
+            address_max_connections: var("ADDRESS_MAX_CONNECTIONS").parse_if(
+                300,
+                |n: &usize| *n > 0,
+                "expected a positive integer",
+            )?,
+            control_per_second: var("CONTROL_PER_SECOND").parse_if(
+                10.0,
+                |n: &f64| n.is_finite() && *n >= 0.5,
+                "expected a number of at least 0.5",
+            )?,
+            client_ip_header: {
+                let v = var("CLIENT_IP_HEADER");
+                match &v.value {
+                    None => None,
+                    Some(name) if is_header_name(name.trim()) => Some(name.trim().to_string()),
+                    Some(_) => return Err(v.error("expected a header name, e.g. Fly-Client-IP")),
+                }
+            },
             storm_alerts_per_second: var("STORM_ALERTS_PER_SECOND").parse_if(
                 10,
                 |n: &usize| *n <= 100_000,
@@ -321,6 +380,14 @@ fn seconds(var: Var, default: u64) -> Result<Duration, ConfigError> {
         "expected whole seconds from 1 to 86400",
     )?;
     Ok(Duration::from_secs(secs))
+}
+
+/// An HTTP header name: one or more of RFC 9110's token characters.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 fn random_instance_id() -> Result<String, ConfigError> {
@@ -559,7 +626,7 @@ mod tests {
         let c = config(&[]).unwrap();
         assert_eq!(c.port, 8080);
         assert_eq!(c.region, "LOCAL_REGION");
-        assert_eq!(c.max_connections, 10_000);
+        assert_eq!(c.max_connections, None, "derived from memory at start");
         assert_eq!((c.alerts_per_second, c.alert_burst), (1.0, 5));
         assert!(matches!(c.broker, BrokerChoice::Local { .. }));
     }

@@ -34,7 +34,7 @@ use crate::metrics::METRICS;
 use crate::presence::{Heartbeat, Presence};
 use crate::recovery::{Missed, Recent, Sent};
 use crate::storm::{Overflow, Route, Storm, Summary};
-use crossbeam_channel::{Receiver, select_biased};
+use crossbeam_channel::{Receiver, select};
 use socket2::SockRef;
 use std::collections::{HashMap, HashSet};
 use std::io;
@@ -81,6 +81,10 @@ pub struct Limits {
     pub max_backlog: usize,
     /// Longest a client may leave its backlog unread.
     pub slow_client_grace: Duration,
+    /// Most bytes all backlogs together may hold: past it the clients with
+    /// the longest backlogs are disconnected, so a storm cannot run an
+    /// instance at its connection bound out of memory.
+    pub max_total_backlog: usize,
 }
 
 /// Everything the fan-out thread is configured with.
@@ -120,6 +124,11 @@ const BATCH_BYTES: usize = 16 * 1024;
 /// the time events (a departure, a shutdown) wait behind a storm.
 const DELIVERIES_PER_TURN: usize = 4096;
 
+/// Most events (replies, pongs, joins, departures) handled in one turn
+/// before the deliveries get theirs: however fast clients send, an alert
+/// waits at most this many single-client writes.
+const EVENTS_PER_TURN: usize = 64;
+
 static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
 
 /// Milliseconds on a process-wide monotonic clock, for `last_seen` stamps.
@@ -157,33 +166,44 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
         ping: encode(Frame::ping(Vec::new())),
         going_away: close_frame(CloseCode::Away, "server shutting down"),
     };
+    let never = crossbeam_channel::never();
     let mut deliveries = Some(deliveries);
     loop {
-        let now = Instant::now();
-        let timeout = hub.next_wakeup(now).saturating_duration_since(now);
-        // Biased towards events: a client's Leave or a shutdown should not
-        // wait behind a long queue of alerts.
-        let never = crossbeam_channel::never();
-        select_biased! {
-            recv(events) -> event => match event {
-                Ok(event) => hub.handle(event),
-                Err(_) => break,
-            },
-            recv(deliveries.as_ref().unwrap_or(&never)) -> delivery => match delivery {
-                Ok(first) => {
-                    // Take what else is waiting too, so it goes out in one
-                    // batch.
-                    hub.take(first);
-                    if let Some(queue) = &deliveries {
-                        for delivery in queue.try_iter().take(DELIVERIES_PER_TURN - 1) {
-                            hub.take(delivery);
-                        }
+        // One turn: a bounded share of each queue, so neither can hold up
+        // the other (a client flooding pings fills `events`; a storm fills
+        // `deliveries`).
+        let mut worked = false;
+        for event in events.try_iter().take(EVENTS_PER_TURN) {
+            hub.handle(event);
+            worked = true;
+        }
+        if let Some(queue) = &deliveries {
+            for delivery in queue.try_iter().take(DELIVERIES_PER_TURN) {
+                hub.take(delivery);
+                worked = true;
+            }
+        }
+        // Everything taken this turn goes out as one batch.
+        hub.send_outbox();
+        if !worked {
+            // Both queues empty: sleep until either has something, or
+            // until there is housekeeping to do.
+            let now = Instant::now();
+            let timeout = hub.next_wakeup(now).saturating_duration_since(now);
+            select! {
+                recv(events) -> event => match event {
+                    Ok(event) => hub.handle(event),
+                    Err(_) => break,
+                },
+                recv(deliveries.as_ref().unwrap_or(&never)) -> delivery => match delivery {
+                    Ok(delivery) => {
+                        hub.take(delivery);
+                        hub.send_outbox();
                     }
-                    hub.send_outbox();
-                }
-                Err(_) => deliveries = None,
-            },
-            default(timeout) => {}
+                    Err(_) => deliveries = None,
+                },
+                default(timeout) => {}
+            }
         }
         if hub.housekeeping(Instant::now()) == Flow::Done {
             break;
@@ -513,6 +533,7 @@ impl Hub {
         for id in too_slow {
             self.disconnect(id, Gone::Slow("its backlog went unread too long"));
         }
+        self.keep_backlogs_within_budget();
         let clients = &self.clients;
         self.behind
             .retain(|id| clients.get(id).is_some_and(Client::is_behind));
@@ -533,6 +554,26 @@ impl Hub {
                 Flow::Done
             }
             _ => Flow::Continue,
+        }
+    }
+
+    /// Disconnects the clients furthest behind while all backlogs together
+    /// hold more than [`Limits::max_total_backlog`].
+    fn keep_backlogs_within_budget(&mut self) {
+        let backlog = |id: &ClientId| self.clients.get(id).map_or(0, |c| c.backlog.len());
+        let mut total: usize = self.behind.iter().map(backlog).sum();
+        if total <= self.limits.max_total_backlog {
+            return;
+        }
+        let mut furthest: Vec<(usize, ClientId)> =
+            self.behind.iter().map(|id| (backlog(id), *id)).collect();
+        furthest.sort_unstable_by(|a, b| b.cmp(a));
+        for (bytes, id) in furthest {
+            if total <= self.limits.max_total_backlog {
+                break;
+            }
+            total -= bytes;
+            self.disconnect(id, Gone::Slow("the instance's backlog budget is spent"));
         }
     }
 

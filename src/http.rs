@@ -8,15 +8,19 @@
 //! routes, a small request reader over httparse (already in tungstenite's
 //! handshake) does the job and keeps every socket a plain `TcpStream`.
 
+use crate::address::{Addresses, Person, Refused};
 use crate::config::normalize_origin;
 use crate::fanout::ClientId;
+use crate::log::{Throttle, suppressed};
+use crate::metrics::{METRICS, Refusal};
 use crate::socket::{self, SessionContext};
 use socket2::SockRef;
 use std::borrow::Cow;
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::Arc;
+use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -29,7 +33,18 @@ const MAX_HEAD_BYTES: usize = 8 * 1024;
 /// Connections allowed beyond MAX_CONNECTIONS for requests that are not (yet)
 /// WebSockets: health checks and page loads keep working on a full server,
 /// while the number of threads stays bounded.
-const EXTRA_CONNECTIONS: usize = 256;
+const EXTRA_CONNECTIONS: usize = crate::limits::EXTRA_CONNECTIONS as usize;
+
+/// Connections that have not sent their whole request yet. Fewer than
+/// [`EXTRA_CONNECTIONS`], so sockets that never speak cannot take every
+/// slot meant for health checks: when this many wait, the oldest is dropped
+/// to make room for the newest.
+const PENDING_CONNECTIONS: usize = 128;
+
+/// A new connection must send its first byte within this (browsers and
+/// Fly's proxy send the request at once); the whole head, within
+/// HANDSHAKE_TIMEOUT_SECS.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Stack for each connection thread. Only touched pages count towards memory;
 /// the deepest path (JSON parsing of a 4 KiB message) stays far below this.
@@ -43,30 +58,77 @@ pub struct HttpSettings {
     pub allowed_origins: Vec<String>,
     pub max_connections: usize,
     pub handshake_timeout: Duration,
+    /// The header a trusted proxy puts the client's address in.
+    pub client_ip_header: Option<String>,
 }
 
 /// Shared by the acceptor and every connection thread.
 pub struct Server {
     pub settings: HttpSettings,
     pub session: SessionContext,
+    /// Limits per source address.
+    addresses: Arc<Addresses>,
     /// Open connections of any kind (each has a thread).
     connections: AtomicUsize,
     /// Open WebSocket clients, held against MAX_CONNECTIONS.
     clients: AtomicUsize,
+    /// Connections still sending their request, oldest first.
+    pending: Mutex<VecDeque<Pending>>,
+    next_connection: AtomicU64,
     next_client_id: AtomicU64,
 }
 
+/// A connection that has not sent its whole request: its number, and a
+/// handle on its socket to drop it by.
+struct Pending {
+    number: u64,
+    socket: TcpStream,
+}
+
 impl Server {
-    pub fn new(settings: HttpSettings, session: SessionContext) -> Server {
+    pub fn new(settings: HttpSettings, session: SessionContext, addresses: Addresses) -> Server {
         Server {
             settings,
             session,
+            addresses: Arc::new(addresses),
             connections: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
+            pending: Mutex::new(VecDeque::new()),
+            next_connection: AtomicU64::new(1),
             next_client_id: AtomicU64::new(1),
         }
     }
+
+    /// Notes a new connection as pending; when too many are, drops the
+    /// oldest (its thread's read returns at once and the thread ends).
+    fn add_pending(&self, stream: &TcpStream) -> Option<u64> {
+        let socket = stream.try_clone().ok()?;
+        let number = self.next_connection.fetch_add(1, Ordering::Relaxed);
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if pending.len() >= PENDING_CONNECTIONS
+            && let Some(oldest) = pending.pop_front()
+        {
+            let _ = oldest.socket.shutdown(Shutdown::Both);
+            METRICS.refused(Refusal::PendingEvicted);
+        }
+        pending.push_back(Pending { number, socket });
+        Some(number)
+    }
+
+    /// The connection `number` has sent its request (or ended).
+    fn remove_pending(&self, number: Option<u64>) {
+        let Some(number) = number else { return };
+        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = pending.iter().position(|p| p.number == number) {
+            pending.remove(i);
+        }
+    }
 }
+
+static REFUSED_AT_LIMIT: Throttle = Throttle::new();
+static REFUSED_ORIGIN: Throttle = Throttle::new();
+static REFUSED_FULL: Throttle = Throttle::new();
+static REFUSED_ADDRESS: Throttle = Throttle::new();
 
 /// The running acceptor thread.
 pub struct Acceptor {
@@ -108,8 +170,18 @@ fn accept_loop(listener: &TcpListener, server: &Arc<Server>, stopping: &AtomicBo
                 if stopping.load(Ordering::SeqCst) {
                     return;
                 }
+                // Make room among the pending first: an idle socket must not
+                // keep a health check out.
+                let pending = server.add_pending(&stream);
                 if server.connections.load(Ordering::SeqCst) >= limit {
-                    crate::warn!("refusing a connection: {limit} already open");
+                    server.remove_pending(pending);
+                    METRICS.refused(Refusal::ConnectionLimit);
+                    if let Some(more) = REFUSED_AT_LIMIT.allow() {
+                        crate::warn!(
+                            "refusing a connection: {limit} already open{}",
+                            suppressed(more)
+                        );
+                    }
                     continue; // dropping the stream closes it
                 }
                 server.connections.fetch_add(1, Ordering::SeqCst);
@@ -118,10 +190,11 @@ fn accept_loop(listener: &TcpListener, server: &Arc<Server>, stopping: &AtomicBo
                     .name("connection".into())
                     .stack_size(CONNECTION_STACK)
                     .spawn(move || {
-                        connection_thread(stream, &for_thread);
+                        connection_thread(stream, &for_thread, pending);
                         for_thread.connections.fetch_sub(1, Ordering::SeqCst);
                     });
                 if let Err(err) = spawned {
+                    server.remove_pending(pending);
                     server.connections.fetch_sub(1, Ordering::SeqCst);
                     crate::error!("cannot start a connection thread: {err}");
                 }
@@ -144,21 +217,58 @@ fn accept_loop(listener: &TcpListener, server: &Arc<Server>, stopping: &AtomicBo
 /// block and Rust's thread start already use ~4.8 KiB of the top page pair;
 /// if the session ran inside the request handler, its frames would sit below
 /// the handler's (request buffers, header table) and the thread would keep a
-/// third page. Run one after the other, the deepest either goes stays within
+/// third page. Run one after the other, and with the pages only the request
+/// needed given back in between, the session keeps what it alone touches:
 /// two pages (8 KiB, measured; BENCHMARKS.md).
-fn connection_thread(stream: TcpStream, server: &Server) {
-    let Some(client) = handle_connection(stream, server) else {
+fn connection_thread(stream: TcpStream, server: &Server, pending: Option<u64>) {
+    let Some(client) = handle_connection(stream, server, pending) else {
         return;
     };
+    release_stack_below_here();
     let Upgraded {
         id,
         stream,
         already_read,
         since,
         slot,
+        person,
     } = client;
-    socket::serve(id, stream, already_read, since, &server.session);
+    socket::serve(id, stream, already_read, since, person, &server.session);
     drop(slot);
+}
+
+/// Gives the stack pages below this call's frame back to the kernel. The
+/// request (parsing, the origin and address checks, the handshake) runs
+/// deeper than a session ever does, and a thread would otherwise keep those
+/// pages for as long as its WebSocket lives. Only dead frames lie below the
+/// stack pointer, and a page given back reads as zeros if touched again.
+#[inline(never)]
+fn release_stack_below_here() {
+    let here = 0u8;
+    let here = std::ptr::addr_of!(here) as usize;
+    let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
+    let (mut low, mut size) = (std::ptr::null_mut(), 0usize);
+    // SAFETY: pthread_getattr_np fills `attr` for the calling thread (it
+    // only reads glibc's own thread record); pthread_attr_getstack reads
+    // it into two locals; it is destroyed before it goes out of scope.
+    let known = unsafe {
+        let filled = libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) == 0;
+        let read = filled && libc::pthread_attr_getstack(attr.as_ptr(), &mut low, &mut size) == 0;
+        if filled {
+            libc::pthread_attr_destroy(attr.as_mut_ptr());
+        }
+        read
+    };
+    let page = 4096;
+    // Room below this frame for the madvise call itself (a bare syscall
+    // wrapper), then everything from the next page boundary down.
+    let end = here.saturating_sub(512) & !(page - 1);
+    let start = (low as usize + page - 1) & !(page - 1);
+    if known && end > start {
+        // SAFETY: [start, end) lies within this thread's stack, below the
+        // frames of this call and its callers; nothing lives there.
+        unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
 }
 
 /// A connection whose WebSocket handshake is done, ready for `socket::serve`.
@@ -171,11 +281,14 @@ struct Upgraded<'a> {
     since: Option<Box<str>>,
     /// Its place among MAX_CONNECTIONS, given back when the session ends.
     slot: ClientSlot<'a>,
+    /// Its share of its address's limits.
+    person: Person,
 }
 
-/// The request headers the server reads; the others are not kept. Each kept
-/// header is two small allocations on the connection thread, and glibc keeps
-/// what a thread frees in that thread's own cache for the thread's whole life.
+/// The request headers the server reads (and CLIENT_IP_HEADER's); the
+/// others are not kept. Each kept header is two small allocations on the
+/// connection thread, and glibc keeps what a thread frees in that thread's
+/// own cache for the thread's whole life.
 const USED_HEADERS: &[&str] = &[
     "Host",
     "Origin",
@@ -183,6 +296,17 @@ const USED_HEADERS: &[&str] = &[
     "Connection",
     "Sec-WebSocket-Version",
     "Sec-WebSocket-Key",
+];
+
+/// Headers that must not appear twice: with two, which one a proxy and this
+/// server each believe is anyone's guess (RFC 9110 §5.3, RFC 6455 §11.3).
+/// `Sec-WebSocket-Extensions` and `-Protocol` may repeat.
+const SINGLE_HEADERS: &[&str] = &[
+    "Host",
+    "Origin",
+    "Upgrade",
+    "Sec-WebSocket-Key",
+    "Sec-WebSocket-Version",
 ];
 
 /// A parsed request head, with the headers in [`USED_HEADERS`].
@@ -200,6 +324,14 @@ impl Head {
             .iter()
             .find(|(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, v)| v.as_str())
+    }
+
+    /// How many times header `name` was sent.
+    fn count(&self, name: &str) -> usize {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .count()
     }
 
     /// Whether a comma-separated header contains `token` (case-insensitive).
@@ -222,10 +354,20 @@ enum HeadError {
 /// Reads the request and answers it; returns the connection when it became a
 /// WebSocket. Never inlined: its frame must be gone before the session runs.
 #[inline(never)]
-fn handle_connection(mut stream: TcpStream, server: &Server) -> Option<Upgraded<'_>> {
+fn handle_connection(
+    mut stream: TcpStream,
+    server: &Server,
+    pending: Option<u64>,
+) -> Option<Upgraded<'_>> {
     let deadline = Instant::now() + server.settings.handshake_timeout;
     let _ = stream.set_nodelay(true);
-    let (head, already_read) = match read_head(&mut stream, deadline) {
+    let read = read_head(
+        &mut stream,
+        deadline,
+        server.settings.client_ip_header.as_deref(),
+    );
+    server.remove_pending(pending);
+    let (head, already_read) = match read {
         Ok(parsed) => parsed,
         Err(HeadError::Gone) => return None,
         Err(HeadError::TooLarge) => {
@@ -237,6 +379,10 @@ fn handle_connection(mut stream: TcpStream, server: &Server) -> Option<Upgraded<
             return None;
         }
     };
+    if let Some(name) = SINGLE_HEADERS.iter().find(|name| head.count(name) > 1) {
+        respond(stream, Response::text(400, duplicate_header_message(name)));
+        return None;
+    }
     let head_only = head.method == "HEAD";
     let response = match (head.path.as_str(), head.method.as_str()) {
         ("/", "GET" | "HEAD") => Response::html(INDEX_HTML),
@@ -268,15 +414,33 @@ fn handle_connection(mut stream: TcpStream, server: &Server) -> Option<Upgraded<
     None
 }
 
-/// Reads until a whole request head has arrived, within `deadline` in all
-/// (a slowloris client trickling a byte at a time gets no extension).
-fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<(Head, Vec<u8>), HeadError> {
+fn duplicate_header_message(name: &str) -> &'static str {
+    match name {
+        "Host" => "duplicate Host header\n",
+        "Origin" => "duplicate Origin header\n",
+        "Upgrade" => "duplicate Upgrade header\n",
+        "Sec-WebSocket-Key" => "duplicate Sec-WebSocket-Key header\n",
+        _ => "duplicate Sec-WebSocket-Version header\n",
+    }
+}
+
+/// Reads until a whole request head has arrived: the first byte within
+/// [`FIRST_BYTE_TIMEOUT`], the whole head within `deadline` (a slowloris
+/// client trickling a byte at a time gets no extension). Keeps the headers
+/// in [`USED_HEADERS`] and `client_ip_header`.
+fn read_head(
+    stream: &mut TcpStream,
+    deadline: Instant,
+    client_ip_header: Option<&str>,
+) -> Result<(Head, Vec<u8>), HeadError> {
     // Room for the largest head at once: no reallocation, and a block too
     // big for glibc's per-thread cache, so it goes back to the shared heap
     // when the head is parsed instead of staying with this thread for life.
     let mut buf = Vec::with_capacity(MAX_HEAD_BYTES);
+    let first_byte = deadline.min(Instant::now() + FIRST_BYTE_TIMEOUT);
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        let until = if buf.is_empty() { first_byte } else { deadline };
+        let left = until.saturating_duration_since(Instant::now());
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
             return Err(HeadError::Gone);
         }
@@ -303,7 +467,10 @@ fn read_head(stream: &mut TcpStream, deadline: Instant) -> Result<(Head, Vec<u8>
                     headers: request
                         .headers
                         .iter()
-                        .filter(|h| USED_HEADERS.iter().any(|n| h.name.eq_ignore_ascii_case(n)))
+                        .filter(|h| {
+                            USED_HEADERS.iter().any(|n| h.name.eq_ignore_ascii_case(n))
+                                || client_ip_header.is_some_and(|n| h.name.eq_ignore_ascii_case(n))
+                        })
                         .map(|h| {
                             (
                                 h.name.to_string(),
@@ -350,26 +517,27 @@ fn upgrade<'a>(
     else {
         return refuse(stream, Response::text(400, "missing Sec-WebSocket-Key\n"));
     };
+    if !is_websocket_key(key) {
+        let response = Response::text(400, "Sec-WebSocket-Key must be 16 bytes in base64\n");
+        return refuse(stream, response);
+    }
+    let Ok(ip) = client_ip(&stream, head, server.settings.client_ip_header.as_deref()) else {
+        let response = Response::text(400, "the client address header is not one address\n");
+        return refuse(stream, response);
+    };
     let Ok(since) = since_param(&head.query) else {
         let response = Response::text(400, "since must be an alert id: 32 lowercase hex digits\n");
         return refuse(stream, response);
     };
     if !origin_allowed(head, &server.settings.allowed_origins) {
-        crate::info!(
-            "refusing WebSocket from origin {:?}",
-            head.header("Origin").unwrap_or_default()
-        );
-        return refuse(stream, Response::text(403, "origin not allowed\n"));
+        return refuse_origin(stream, head);
     }
+    let person = match server.addresses.connect(ip, Instant::now()) {
+        Ok(person) => person,
+        Err(refused) => return refuse_address(stream, ip, refused),
+    };
     let Some(slot) = ClientSlot::take(&server.clients, server.settings.max_connections) else {
-        crate::warn!(
-            "refusing WebSocket: {} clients connected",
-            server.settings.max_connections
-        );
-        return refuse(
-            stream,
-            Response::text(503, "server full, try again soon\n").with_header("Retry-After", "5"),
-        );
+        return refuse_full(stream, server.settings.max_connections);
     };
 
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
@@ -395,7 +563,103 @@ fn upgrade<'a>(
         already_read,
         since,
         slot,
+        person,
     })
+}
+
+/// RFC 6455 §4.2.1: the key is 16 random bytes in base64, which is 22
+/// characters of the alphabet (the last of them carrying only 2 bits, so
+/// one of `AQgw`) and `==`. Checked by hand rather than decoded: the
+/// decoder's frames would cost every connection thread a stack page for
+/// life (ARCHITECTURE.md, "Invariants").
+fn is_websocket_key(key: &str) -> bool {
+    let bytes = key.as_bytes();
+    let alphabet = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    bytes.len() == 24
+        && bytes[..21].iter().all(alphabet)
+        && b"AQgw".contains(&bytes[21])
+        && &bytes[22..] == b"=="
+}
+
+/// The client's address: the peer's, or the one a trusted proxy put in
+/// `header`. A header that is there but not exactly one address is an error.
+#[inline(never)]
+fn client_ip(stream: &TcpStream, head: &Head, header: Option<&str>) -> Result<IpAddr, ()> {
+    if let Some(name) = header
+        && head.count(name) > 0
+    {
+        if head.count(name) > 1 {
+            return Err(());
+        }
+        return head
+            .header(name)
+            .unwrap_or_default()
+            .trim()
+            .parse()
+            .map_err(drop);
+    }
+    stream.peer_addr().map(|peer| peer.ip()).map_err(drop)
+}
+
+// The refusals below are out of line: their logging and formatting would
+// otherwise sit in `upgrade`'s frame on every connection thread's stack.
+
+#[cold]
+#[inline(never)]
+fn refuse_origin<'a>(stream: TcpStream, head: &Head) -> Option<Upgraded<'a>> {
+    if let Some(more) = REFUSED_ORIGIN.allow() {
+        let origin: String = head
+            .header("Origin")
+            .unwrap_or_default()
+            .chars()
+            .take(100)
+            .collect();
+        crate::info!(
+            "refusing WebSocket from origin {origin:?}{}",
+            suppressed(more)
+        );
+    }
+    refuse(stream, Response::text(403, "origin not allowed\n"))
+}
+
+#[cold]
+#[inline(never)]
+fn refuse_full<'a>(stream: TcpStream, max: usize) -> Option<Upgraded<'a>> {
+    METRICS.refused(Refusal::ServerFull);
+    if let Some(more) = REFUSED_FULL.allow() {
+        crate::warn!(
+            "refusing WebSocket: {max} clients connected{}",
+            suppressed(more)
+        );
+    }
+    refuse(
+        stream,
+        Response::text(503, "server full, try again soon\n").with_header("Retry-After", "5"),
+    )
+}
+
+/// Answers a WebSocket that its address may not open now.
+#[cold]
+#[inline(never)]
+fn refuse_address<'a>(stream: TcpStream, ip: IpAddr, refused: Refused) -> Option<Upgraded<'a>> {
+    let (refusal, response) = match refused {
+        Refused::TooManyConnections => (
+            Refusal::AddressConnections,
+            Response::text(429, "too many connections from your network\n"),
+        ),
+        Refused::TableFull => (
+            Refusal::AddressTableFull,
+            Response::text(503, "server busy, try again soon\n"),
+        ),
+    };
+    METRICS.refused(refusal);
+    if let Some(more) = REFUSED_ADDRESS.allow() {
+        crate::warn!(
+            "refusing WebSocket from {ip}: {refused:?}{}",
+            suppressed(more)
+        );
+    }
+    refuse(stream, response.with_header("Retry-After", "5"))
 }
 
 /// The `since` of a query string: the last alert a returning client saw.
@@ -412,6 +676,7 @@ fn since_param(query: &str) -> Result<Option<Box<str>>, ()> {
 }
 
 /// Answers a request that will not become a WebSocket.
+#[inline(never)]
 fn refuse<'a>(stream: TcpStream, response: Response) -> Option<Upgraded<'a>> {
     respond(stream, response);
     None
@@ -515,6 +780,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
         503 => "Service Unavailable",
         _ => "",
@@ -628,5 +894,28 @@ mod tests {
         assert!(ClientSlot::take(&clients, 2).is_none());
         drop(a);
         assert!(ClientSlot::take(&clients, 2).is_some());
+    }
+
+    #[test]
+    fn websocket_keys_are_16_bytes_of_base64() {
+        use base64::Engine;
+        let engine = base64::engine::general_purpose::STANDARD;
+        for n in 0..64u8 {
+            let key = engine.encode([n.wrapping_mul(37); 16]);
+            assert!(is_websocket_key(&key), "{key}");
+        }
+        assert!(is_websocket_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        for bad in [
+            "",
+            "c2hvcnQ=",
+            "dGhlIHNhbXBsZSBub25jZQ=",
+            "dGhlIHNhbXBsZSBub25jZR==",
+            "dGhlIHNhbXBsZSBub25jZQ==x",
+            "dGhlIHNhbXBsZSBub25j!Q==",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        ] {
+            assert!(!is_websocket_key(bad), "{bad}");
+            assert_ne!(engine.decode(bad).map(|b| b.len()).ok(), Some(16), "{bad}");
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! shut down in order. Every long-lived thread and channel is created below;
 //! ARCHITECTURE.md draws how they connect.
 
+mod address;
 mod auth;
 mod broker;
 mod config;
@@ -39,6 +40,8 @@ use std::time::{Duration, Instant};
 const DELIVERY_QUEUE: usize = 1024;
 /// Greetings, replies and departures waiting for the fan-out thread.
 const EVENT_QUEUE: usize = 4096;
+/// Most bytes kept for one client whose socket buffer is full.
+const MAX_BACKLOG: usize = 64 * 1024;
 /// Clients get this long to answer our close frame at shutdown.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
 /// Everything, broker clean-up included, finishes within this after a signal
@@ -73,6 +76,15 @@ fn run(config: Config) -> Result<(), String> {
         .map_err(|err| format!("cannot install signal handlers: {err}"))?;
     let listener = TcpListener::bind((config.host, config.port))
         .map_err(|err| format!("cannot listen on {}:{}: {err}", config.host, config.port))?;
+    // What this machine holds, unless MAX_CONNECTIONS says otherwise.
+    let capacity = limits::capacity();
+    let max_connections = match config.max_connections {
+        Some(n) => n,
+        None => {
+            info!("{capacity}");
+            capacity.max_connections
+        }
+    };
 
     // broker --deliveries--> fan-out <--events-- socket threads
     // (the Pub/Sub broker adds its own publisher and puller threads)
@@ -96,9 +108,7 @@ fn run(config: Config) -> Result<(), String> {
                 outstanding_pulls: settings.outstanding_pulls,
                 // Room for every client's whole burst at once: a storm is
                 // queued, never refused, while Pub/Sub answers.
-                queue_capacity: config
-                    .max_connections
-                    .saturating_mul(config.alert_burst as usize),
+                queue_capacity: max_connections.saturating_mul(config.alert_burst as usize),
             };
             let broker = PubSubBroker::start(settings, deliveries_tx)
                 .map_err(|err| format!("cannot start the Pub/Sub threads: {err}"))?;
@@ -110,8 +120,12 @@ fn run(config: Config) -> Result<(), String> {
     let fanout_settings = fanout::Settings {
         limits: fanout::Limits {
             ping_interval: config.ping_interval,
-            max_backlog: 64 * 1024,
+            max_backlog: MAX_BACKLOG,
             slow_client_grace: Duration::from_secs(10),
+            // A quarter of every client at its own limit, within what the
+            // machine's memory set aside for backlogs.
+            max_total_backlog: (max_connections.saturating_mul(MAX_BACKLOG) / 4)
+                .min(capacity.backlog_budget as usize),
         },
         recovery_alerts: config.recovery_alerts,
         storm_alerts_per_second: config.storm_alerts_per_second,
@@ -134,8 +148,9 @@ fn run(config: Config) -> Result<(), String> {
     let server = Arc::new(http::Server::new(
         http::HttpSettings {
             allowed_origins: config.allowed_origins.clone(),
-            max_connections: config.max_connections,
+            max_connections,
             handshake_timeout: config.handshake_timeout,
+            client_ip_header: config.client_ip_header.clone(),
         },
         socket::SessionContext {
             region: config.region.clone(),
@@ -146,6 +161,15 @@ fn run(config: Config) -> Result<(), String> {
             events: events_tx.clone(),
             greeting: socket::greeting_frame(&config.region),
         },
+        address::Addresses::new(address::AddressLimits {
+            alerts_per_second: config.address_alerts_per_second,
+            alert_burst: config.address_alert_burst,
+            control_per_second: config.control_per_second,
+            control_burst: (config.control_per_second * 2.0).ceil() as u32,
+            max_connections: config.address_max_connections,
+            // Every client's address, and as many again that left recently.
+            capacity: max_connections.saturating_mul(2).max(64),
+        }),
     ));
     let address = listener
         .local_addr()

@@ -132,7 +132,10 @@ pub fn parse_request(text: &str) -> Result<Request, Rejection> {
         }
         Some(Value::String(kind)) => Err(Rejection::new(
             "unknown_message",
-            format!("unknown message {kind:?}; expected \"ALIEN_LANDING\""),
+            format!(
+                "unknown message {:?}; expected \"ALIEN_LANDING\"",
+                kind.chars().take(40).collect::<String>()
+            ),
         )),
         Some(_) => Err(Rejection::new(
             "unknown_message",
@@ -202,10 +205,39 @@ pub fn accepted(id: &str) -> String {
     serde_json::json!({ "message": "ACCEPTED", "id": id }).to_string()
 }
 
-/// The reply to a refused message; it goes to the sender only.
+/// Longest `ERROR` reply: a reply must never cost more than the message
+/// that caused it is worth (a 4 KiB message echoed, escaped, would be 14 KiB).
+pub const MAX_ERROR_BYTES: usize = 256;
+
+/// The reply to a refused message; it goes to the sender only. Its detail
+/// is cut short to keep it within [`MAX_ERROR_BYTES`].
 pub fn error(rejection: &Rejection) -> String {
-    serde_json::json!({ "message": "ERROR", "error": rejection.code, "detail": rejection.detail })
-        .to_string()
+    let reply = |detail: &str| {
+        serde_json::json!({ "message": "ERROR", "error": rejection.code, "detail": detail })
+            .to_string()
+    };
+    let text = reply(&rejection.detail);
+    if text.len() <= MAX_ERROR_BYTES {
+        return text;
+    }
+    // The longest prefix of the detail that fits, found by halving (escaping
+    // makes a character one to six bytes, so its length alone cannot say).
+    let ends: Vec<usize> = rejection
+        .detail
+        .char_indices()
+        .map(|(i, _)| i)
+        .chain([rejection.detail.len()])
+        .collect();
+    let (mut fits, mut too_long) = (0, ends.len() - 1);
+    while too_long - fits > 1 {
+        let mid = (fits + too_long) / 2;
+        if reply(&rejection.detail[..ends[mid]]).len() <= MAX_ERROR_BYTES {
+            fits = mid;
+        } else {
+            too_long = mid;
+        }
+    }
+    reply(&rejection.detail[..ends[fits]])
 }
 
 /// A new alert id: 128 random bits in hex, unique across instances without
@@ -333,5 +365,23 @@ mod tests {
         assert_eq!(a.len(), 32);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn an_error_reply_is_never_longer_than_256_bytes() {
+        for detail in [
+            "short".to_string(),
+            "x".repeat(4000),
+            "\"".repeat(4000),
+            "\u{1}".repeat(1000),
+            "é".repeat(2000),
+        ] {
+            let text = error(&Rejection::new("unknown_message", detail.clone()));
+            assert!(text.len() <= MAX_ERROR_BYTES, "{} bytes", text.len());
+            let v: Value = serde_json::from_str(&text).unwrap();
+            assert_eq!(v["error"], "unknown_message");
+            let kept = v["detail"].as_str().unwrap();
+            assert!(detail.starts_with(kept) && !kept.is_empty());
+        }
     }
 }

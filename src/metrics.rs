@@ -110,8 +110,47 @@ pub const REJECTION_CODES: [&str; 4] = [
     "broker_unavailable",
 ];
 
+/// Why a connection was refused or dropped before it became a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// MAX_CONNECTIONS WebSockets already (503).
+    ServerFull,
+    /// Its address already has ADDRESS_MAX_CONNECTIONS WebSockets (429).
+    AddressConnections,
+    /// The table of addresses is full of live entries (503).
+    AddressTableFull,
+    /// Every connection slot is taken, at accept (closed).
+    ConnectionLimit,
+    /// The oldest of too many connections that had not sent a request.
+    PendingEvicted,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 5] = [
+        Refusal::ServerFull,
+        Refusal::AddressConnections,
+        Refusal::AddressTableFull,
+        Refusal::ConnectionLimit,
+        Refusal::PendingEvicted,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::ServerFull => "server_full",
+            Refusal::AddressConnections => "address_connections",
+            Refusal::AddressTableFull => "address_table_full",
+            Refusal::ConnectionLimit => "connection_limit",
+            Refusal::PendingEvicted => "pending_evicted",
+        }
+    }
+}
+
 pub struct Metrics {
     pub connected_clients: Gauge,
+    /// Connections refused, by [`Refusal`] (in `Refusal::ALL` order).
+    refusals: [Counter; Refusal::ALL.len()],
+    /// Clients closed (1008) for too many pings or invalid messages.
+    pub control_limited: Counter,
     /// Presses counted into a storm summary instead of sent as alerts.
     pub presses_summarized: Counter,
     /// Storm summaries sent (each to every client).
@@ -143,6 +182,8 @@ impl Metrics {
     const fn new() -> Metrics {
         Metrics {
             connected_clients: Gauge::new(),
+            refusals: [const { Counter::new() }; Refusal::ALL.len()],
+            control_limited: Counter::new(),
             presses_summarized: Counter::new(),
             summaries_sent: Counter::new(),
             fanout_batch_frames: Histogram::new(FRAMES),
@@ -157,6 +198,13 @@ impl Metrics {
             pull_errors: Counter::new(),
             publish_duration: Histogram::new(SECONDS),
             pull_duration: Histogram::new(SECONDS),
+        }
+    }
+
+    /// Counts a refused connection.
+    pub fn refused(&self, why: Refusal) {
+        if let Some(i) = Refusal::ALL.iter().position(|r| *r == why) {
+            self.refusals[i].inc();
         }
     }
 
@@ -240,6 +288,26 @@ impl Metrics {
             "skywatch_alerts_rate_limited_total",
             "Alerts refused because their client sent too many.",
             self.alerts_rate_limited.get(),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP skywatch_connections_refused_total Connections refused or dropped before \
+             becoming clients, by reason.\n\
+             # TYPE skywatch_connections_refused_total counter"
+        );
+        for (why, count) in Refusal::ALL.iter().zip(&self.refusals) {
+            let _ = writeln!(
+                out,
+                "skywatch_connections_refused_total{{reason=\"{}\"}} {}",
+                why.label(),
+                count.get()
+            );
+        }
+        counter(
+            &mut out,
+            "skywatch_control_limited_total",
+            "Clients closed (1008) for sending too many pings or invalid messages.",
+            self.control_limited.get(),
         );
         counter(
             &mut out,

@@ -1,4 +1,5 @@
-//! Per-connection token bucket for alerts.
+//! The token bucket behind every rate limit: per connection for alerts, per
+//! source address for alerts and control messages (`address.rs`).
 //!
 //! A bucket holds up to `burst` tokens and refills at `per_second`; each alert
 //! takes one. It lets a person press the button a few times in a row while
@@ -24,6 +25,13 @@ impl TokenBucket {
             tokens: burst,
             last: now,
         }
+    }
+
+    /// Whether the bucket has refilled to its burst by `now`: forgetting it
+    /// then grants nothing that a new, full bucket would not.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.per_second >= self.burst
     }
 
     /// Takes a token if one is available at `now`.
@@ -90,5 +98,15 @@ mod tests {
         assert!(bucket.try_take(t0));
         assert!(!bucket.try_take(t0 - Duration::from_secs(5)));
         assert!(bucket.try_take(t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_bucket_is_full_again_only_once_refilled() {
+        let t0 = Instant::now();
+        let mut bucket = TokenBucket::new(2.0, 4, t0);
+        assert!(bucket.is_full(t0));
+        assert!(bucket.try_take(t0) && bucket.try_take(t0));
+        assert!(!bucket.is_full(t0 + Duration::from_millis(900)));
+        assert!(bucket.is_full(t0 + Duration::from_secs(1)));
     }
 }

@@ -8,6 +8,7 @@
 //! write half (see `fanout.rs`), and so is the greeting, which is the same
 //! for every client and encoded once, at start.
 
+use crate::address::Person;
 use crate::broker::{Broker, PublishError};
 use crate::fanout::{self, ClientId, Event};
 use crate::message::{self, Alert, Rejection, Request};
@@ -117,6 +118,7 @@ pub fn serve(
     socket: TcpStream,
     already_read: Vec<u8>,
     since: Option<Box<str>>,
+    person: Person,
     ctx: &SessionContext,
 ) {
     let socket = Arc::new(socket);
@@ -127,6 +129,7 @@ pub fn serve(
         id,
         ctx,
         bucket: TokenBucket::new(ctx.alerts_per_second, ctx.alert_burst, Instant::now()),
+        person,
     };
 
     let join = Event::Join {
@@ -179,10 +182,17 @@ fn close(
 struct Session<'a> {
     id: ClientId,
     ctx: &'a SessionContext,
+    /// This connection's alert bucket.
     bucket: TokenBucket,
+    /// Its address's buckets, which outlive it.
+    person: Person,
 }
 
 type Ending = Option<(CloseCode, &'static str)>;
+
+/// The close for a client past its address's control budget.
+const TOO_MANY_CONTROL: (CloseCode, &str) =
+    (CloseCode::Policy, "too many pings or invalid messages");
 
 impl Session<'_> {
     /// Reads until the connection ends. Returns the close frame to send when
@@ -197,12 +207,20 @@ impl Session<'_> {
             }
             self.forward(ws);
             match result {
-                Ok(Message::Text(text)) => self.handle_text(ws, text.as_str()),
+                Ok(Message::Text(text)) => {
+                    if let Some(ending) = self.handle_text(ws, text.as_str()) {
+                        return Some(ending);
+                    }
+                }
                 Ok(Message::Binary(_)) => {
                     return Some((CloseCode::Unsupported, "binary messages are not supported"));
                 }
-                Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_)) => {
+                Ok(Message::Ping(_)) => {
+                    if !self.control_allowed() {
+                        return Some(TOO_MANY_CONTROL);
+                    }
                 }
+                Ok(Message::Pong(_) | Message::Close(_) | Message::Frame(_)) => {}
                 Err(WsError::ConnectionClosed | WsError::AlreadyClosed) => return None,
                 Err(WsError::Io(err)) => {
                     crate::debug!("client {}: read failed: {err}", self.id);
@@ -226,37 +244,66 @@ impl Session<'_> {
         }
     }
 
+    /// Answers one text message: `ACCEPTED` or an `ERROR`. Returns how the
+    /// connection ends when this message was one invalid message too many.
     #[inline(never)]
-    fn handle_text(&mut self, ws: &mut WebSocket<ReadHalf>, text: &str) {
+    fn handle_text(&mut self, ws: &mut WebSocket<ReadHalf>, text: &str) -> Ending {
         let outcome = message::parse_request(text).and_then(|request| match request {
             Request::AlienLanding { timestamp } => self.report_landing(timestamp),
         });
-        let reply = outcome.unwrap_or_else(|rejection| {
-            METRICS.rejected(rejection.code);
-            crate::debug!(
-                "client {}: rejected: {} ({})",
-                self.id,
-                rejection.code,
-                rejection.detail
-            );
-            message::error(&rejection)
-        });
+        let reply = match outcome {
+            Ok(accepted) => accepted,
+            Err(rejection) => {
+                METRICS.rejected(rejection.code);
+                crate::debug!(
+                    "client {}: rejected: {} ({})",
+                    self.id,
+                    rejection.code,
+                    rejection.detail
+                );
+                // A person pressing too often is not an attacker: only other
+                // refusals spend the control budget.
+                if rejection.code != "rate_limited" && !self.control_allowed() {
+                    return Some(TOO_MANY_CONTROL);
+                }
+                message::error(&rejection)
+            }
+        };
         let frames = self.encode_text(ws, reply);
         let _ = self.ctx.events.send(Event::Send {
             id: self.id,
             frames,
         });
+        None
+    }
+
+    /// Spends one of the address's control tokens (a ping, an invalid
+    /// message); false when there is none left.
+    #[inline(never)]
+    fn control_allowed(&self) -> bool {
+        let allowed = self.person.take_control(Instant::now());
+        if !allowed {
+            METRICS.control_limited.inc();
+        }
+        allowed
     }
 
     /// Rate-limits and publishes a press; returns the `ACCEPTED` reply.
     fn report_landing(&mut self, timestamp: u64) -> Result<String, Rejection> {
-        if !self.bucket.try_take(Instant::now()) {
+        let now = Instant::now();
+        if !self.bucket.try_take(now) {
             return Err(Rejection::new(
                 "rate_limited",
                 format!(
                     "too many alerts: at most {} per second, {} at once",
                     self.ctx.alerts_per_second, self.ctx.alert_burst
                 ),
+            ));
+        }
+        if !self.person.take_alert(now) {
+            return Err(Rejection::new(
+                "rate_limited",
+                "too many alerts from your network at once; try again in a moment",
             ));
         }
         let id = message::new_alert_id().map_err(|err| {

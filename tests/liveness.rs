@@ -130,6 +130,8 @@ fn stuck_client_is_dropped_without_delaying_others() {
         ("ALERTS_PER_SECOND", "100000"),
         ("ALERT_BURST", "100000"),
         ("STORM_ALERTS_PER_SECOND", "100000"),
+        ("ADDRESS_ALERTS_PER_SECOND", "100000"),
+        ("ADDRESS_ALERT_BURST", "100000"),
     ]);
     let mut stuck = stuck_client(&server);
 

@@ -11,10 +11,12 @@ use pubsub_test_server::{Options, PubSubTestServer};
 use serde_json::Value;
 use support::{Client, Server, connect_since, emulator_env, get, http_raw, key_set, keys};
 
-const FAST: [(&str, &str); 3] = [
+const FAST: [(&str, &str); 5] = [
     ("ALERTS_PER_SECOND", "100000"),
     ("ALERT_BURST", "100000"),
     ("STORM_ALERTS_PER_SECOND", "100000"),
+    ("ADDRESS_ALERTS_PER_SECOND", "100000"),
+    ("ADDRESS_ALERT_BURST", "100000"),
 ];
 const REPLAYED_FIELDS: &[&str] = &[
     "message",

@@ -44,6 +44,8 @@ fn unlimited_server(extra: &[(&str, &str)]) -> Server {
         ("ALERTS_PER_SECOND", "100000"),
         ("ALERT_BURST", "100000"),
         ("STORM_ALERTS_PER_SECOND", "100000"),
+        ("ADDRESS_ALERTS_PER_SECOND", "100000"),
+        ("ADDRESS_ALERT_BURST", "100000"),
     ];
     envs.extend_from_slice(extra);
     Server::start(&envs)

@@ -136,7 +136,12 @@ impl Process {
     /// Like [`Process::spawn`], with the child's working directory set to
     /// `cwd` when given (otherwise inherited from the test).
     pub fn spawn_in(args: &[&str], envs: &[(&str, &str)], cwd: Option<&Path>) -> Process {
-        let mut cmd = Command::new(BIN);
+        // SKYWATCH_TEST_BIN runs the tests against another build (e.g. an
+        // older one, to see a test fail there).
+        let bin = std::env::var_os("SKYWATCH_TEST_BIN")
+            .filter(|bin| !bin.is_empty())
+            .unwrap_or_else(|| BIN.into());
+        let mut cmd = Command::new(bin);
         if let Some(dir) = cwd {
             cmd.current_dir(dir);
         }
@@ -540,6 +545,22 @@ pub fn connect_from(addr: SocketAddr, from: std::net::Ipv4Addr) -> Client {
     stream.set_nodelay(true).unwrap();
     let mut c = try_connect_over(stream, addr, None)
         .unwrap_or_else(|e| panic!("ws connect from {from} to {addr}: {e:?}"));
+    let hello = c.next_json();
+    assert_eq!(hello["message"], "CONNECTED", "unexpected greeting {hello}");
+    c
+}
+
+/// A client over `stream`, whose `101` response [`raw_handshake`] already
+/// read; consumes the `CONNECTED` greeting.
+pub fn client_over_upgraded(stream: TcpStream) -> Client {
+    let ws = WebSocket::from_raw_socket(stream, tungstenite::protocol::Role::Client, None);
+    let mut c = Client {
+        ws,
+        response: Response::new(None),
+        presence: false,
+        accepted: Default::default(),
+        awaiting_accepted: false,
+    };
     let hello = c.next_json();
     assert_eq!(hello["message"], "CONNECTED", "unexpected greeting {hello}");
     c
