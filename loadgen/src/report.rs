@@ -187,11 +187,17 @@ pub fn storm_text(report: &Report<StormOutcome>) -> String {
     );
     let _ = writeln!(
         out,
-        "  accounted:     {} of {} connected clients accounted for all {} accepted presses; \
+        "  accounted:     {} of {} connected clients accounted for all {} {}; \
          {} disconnected by the server",
         n(o.complete),
         n(o.connected - o.disconnected),
         n(o.target as usize),
+        // A server that sends no ACCEPTED: every press it did not refuse.
+        if o.accepted == o.target {
+            "accepted presses"
+        } else {
+            "presses not refused"
+        },
         o.disconnected
     );
     if o.short > 0 {
