@@ -4,7 +4,11 @@
 
 use crate::launch::{self, Cgroup, Process};
 use crate::limits;
-use crate::scenario::{self, Outcome, Plan};
+use crate::scenario::{self, Hook, Outcome, Plan};
+use crate::storm::{self, StormOutcome, StormPlan};
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 #[derive(Debug, Clone, Default)]
@@ -18,6 +22,14 @@ pub struct Setup {
     pub env: Vec<(String, String)>,
     /// Servers on CPU 0, the tool on CPU 1.
     pub pin: bool,
+    /// The skywatch binary to start; `skywatch` next to this tool when unset.
+    pub server_bin: Option<PathBuf>,
+    /// Extra arguments for the Pub/Sub test server, e.g.
+    /// `--pulls-return-immediately`.
+    pub pubsub_args: Vec<String>,
+    /// Leave ALERTS_PER_SECOND and ALERT_BURST at the server's defaults (a
+    /// storm's people) instead of raising them for the one client that sends.
+    pub default_rate_limits: bool,
 }
 
 /// Memory of the cgroup at one moment, in bytes.
@@ -30,8 +42,8 @@ pub struct CgroupSample {
 
 /// One run's outcome plus what the servers went through.
 #[derive(Debug, Clone, Default)]
-pub struct Report {
-    pub outcome: Outcome,
+pub struct Report<O = Outcome> {
+    pub outcome: O,
     /// With a cgroup: memory when everyone was connected, and at the peak.
     pub cgroup_connected: Option<CgroupSample>,
     pub cgroup_peak: Option<CgroupSample>,
@@ -50,18 +62,57 @@ pub fn cgroup_available() -> Result<(), String> {
 }
 
 pub fn run(setup: &Setup, plan: &Plan) -> Result<Report, String> {
-    // Servers (and the Pub/Sub test server) on CPU 0, the tool on CPU 1; see
-    // `limits::pin_to` for why.
-    let pin = PinGuard(setup.pin && limits::pin_to(0));
-    let pubsub = match setup.pubsub {
-        true => Some(launch::start_pubsub_test_server()?),
-        false => None,
+    with_servers(setup, |servers, hook| {
+        let plan = Plan {
+            endpoints: servers.iter().map(|s| s.addr).collect(),
+            pids: servers.iter().map(|s| s.pid).collect(),
+            ..plan.clone()
+        };
+        scenario::run(&plan, hook)
+    })
+}
+
+/// A storm against the servers `setup` starts.
+pub fn storm(setup: &Setup, plan: &StormPlan) -> Result<Report<StormOutcome>, String> {
+    with_servers(setup, |servers, hook| {
+        let plan = StormPlan {
+            endpoints: servers.iter().map(|s| s.addr).collect(),
+            pids: servers.iter().map(|s| s.pid).collect(),
+            ..plan.clone()
+        };
+        storm::run(&plan, hook)
+    })
+}
+
+/// An instance the tool started, as a run sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Server {
+    pub addr: SocketAddr,
+    pub pid: u32,
+}
+
+/// Starts the servers `setup` asks for, runs `body` against them, stops
+/// them, and reports what they went through along with `body`'s outcome.
+pub fn with_servers<O: Default>(
+    setup: &Setup,
+    body: impl FnOnce(&[Server], Hook<'_>) -> io::Result<O>,
+) -> Result<Report<O>, String> {
+    let bin = match &setup.server_bin {
+        Some(path) if path.exists() => path.clone(),
+        Some(path) => return Err(format!("--server-bin {}: no such file", path.display())),
+        None => launch::sibling_binary("skywatch")?,
     };
     let cgroup = match setup.cgroup_mib {
         Some(mib) => Some(Cgroup::create(CGROUP_NAME, mib << 20)?),
         None => None,
     };
-    let bin = launch::sibling_binary("skywatch")?;
+    // Servers (and the Pub/Sub test server) on CPU 0, the tool on CPU 1; see
+    // `limits::pin_to` for why.
+    let pin = PinGuard(setup.pin && limits::pin_to(0));
+    let pubsub = match setup.pubsub {
+        true => Some(launch::start_pubsub_test_server(&setup.pubsub_args)?),
+        false => None,
+    };
     let mut instances: Vec<Process> = Vec::new();
     for i in 0..setup.instances.max(1) {
         let mut env = setup.env.clone();
@@ -73,7 +124,8 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Report, String> {
                 ("FLY_REGION".into(), format!("r{i}")),
             ]);
         }
-        let command = launch::skywatch_command(&bin, &env, cgroup.as_ref());
+        let command =
+            launch::skywatch_command(&bin, &env, cgroup.as_ref(), !setup.default_rate_limits);
         let started = Process::start(command);
         match started {
             Ok(process) => instances.push(process),
@@ -96,11 +148,13 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Report, String> {
     // start RSS is read.
     std::thread::sleep(Duration::from_millis(500));
 
-    let plan = Plan {
-        endpoints: instances.iter().map(|p| p.addr).collect(),
-        pids: instances.iter().map(|p| p.pid).collect(),
-        ..plan.clone()
-    };
+    let servers: Vec<Server> = instances
+        .iter()
+        .map(|p| Server {
+            addr: p.addr,
+            pid: p.pid,
+        })
+        .collect();
     let mut report = Report::default();
     let sample = |group: &Cgroup| CgroupSample {
         usage: group.read("memory.usage_in_bytes").unwrap_or(0),
@@ -112,7 +166,7 @@ pub fn run(setup: &Setup, plan: &Plan) -> Result<Report, String> {
             report.cgroup_connected = Some(sample(group));
         }
     };
-    let outcome = scenario::run(&plan, &mut hook);
+    let outcome = body(&servers, &mut hook);
     if let Some(group) = &cgroup {
         report.cgroup_peak = Some(CgroupSample {
             usage: group.read("memory.max_usage_in_bytes").unwrap_or(0),

@@ -127,12 +127,15 @@ impl Process {
     }
 }
 
-/// Settings every benchmarked instance gets: a free port, rate limits that
-/// never refuse the sender, room for all the clients, quiet logs.
+/// Settings every benchmarked instance gets: a free port, room for all the
+/// clients, quiet logs, and (with `raise_rate_limits`) rate limits that never
+/// refuse the one client that sends nor the one address all clients share; a
+/// storm keeps the server's defaults, its clients each on their own address.
 pub fn skywatch_command(
     bin: &Path,
     extra_env: &[(String, String)],
     cgroup: Option<&Cgroup>,
+    raise_rate_limits: bool,
 ) -> Command {
     // The server starts as a system would start it: the system's hard
     // open-file limit (the tool raised its own above it) and a soft limit of
@@ -154,21 +157,30 @@ pub fn skywatch_command(
         .env_clear()
         .env("PORT", "0")
         .env("HOST", "127.0.0.1")
-        .env("ALERTS_PER_SECOND", "1000")
-        .env("ALERT_BURST", "1000")
         .env("MAX_CONNECTIONS", "100000")
         .env("LOG_LEVEL", "info");
+    if raise_rate_limits {
+        // Every client of a run comes from 127.0.0.1, so the limits per
+        // source address (a server that has none ignores them) go up too.
+        command
+            .env("ALERTS_PER_SECOND", "1000")
+            .env("ALERT_BURST", "1000")
+            .env("ADDRESS_ALERTS_PER_SECOND", "1000")
+            .env("ADDRESS_ALERT_BURST", "1000")
+            .env("ADDRESS_MAX_CONNECTIONS", "100000");
+    }
     for (name, value) in extra_env {
         command.env(name, value);
     }
     command
 }
 
-/// Starts the Pub/Sub test server on a free port.
-pub fn start_pubsub_test_server() -> Result<Process, String> {
+/// Starts the Pub/Sub test server on a free port, with `extra` arguments
+/// (e.g. `--pulls-return-immediately`).
+pub fn start_pubsub_test_server(extra: &[String]) -> Result<Process, String> {
     let bin = sibling_binary("pubsub-test-server")?;
     let mut command = Command::new(bin);
-    command.args(["--port", "0"]).env_clear();
+    command.args(["--port", "0"]).args(extra).env_clear();
     Process::start(command)
 }
 

@@ -2,9 +2,10 @@
 //! one of them send K alerts, and reports per-alert fan-out latency,
 //! delivery, connect errors, and the servers' RSS and CPU.
 //!
-//! `skywatch-load run ...` measures one setup; `skywatch-load matrix` runs the
-//! standard set behind `make bench` and writes BENCHMARKS.md's numbers.
-//! Run with `--help` for the options.
+//! `skywatch-load run ...` measures one setup; `skywatch-load storm ...` has a
+//! crowd press at once; `skywatch-load matrix` runs the standard set behind
+//! `make bench` and writes BENCHMARKS.md's numbers. Run with `--help` for
+//! the options.
 
 mod bench;
 mod floor;
@@ -12,10 +13,12 @@ mod launch;
 mod limits;
 mod matrix;
 mod procfs;
+mod protocol;
 mod reader;
 mod report;
 mod scenario;
 mod stats;
+mod storm;
 mod ws;
 
 use bench::Setup;
@@ -23,13 +26,17 @@ use scenario::Plan;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
+use storm::StormPlan;
 
 const USAGE: &str = "\
 usage:
-  skywatch-load run [options]       measure one setup
-  skywatch-load matrix [--write FILE] [--runs N]
+  skywatch-load run [options]       measure one setup: one client sends alerts
+  skywatch-load storm [options]     a crowd presses at once (see storm options)
+  skywatch-load matrix [--write FILE] [--runs N] [--only TEXT]
                                     the standard matrix (make bench); with --write,
-                                    replaces the generated part of FILE
+                                    replaces the generated part of FILE; --only runs
+                                    the rows whose name contains TEXT (e.g. storm),
+                                    printing them
 
 run options (defaults in brackets):
   --clients N       measured clients; the first sends the alerts [1000]
@@ -39,15 +46,32 @@ run options (defaults in brackets):
   --idle-secs S     idle CPU window after connecting [10]
   --settle S        wait after connecting before measuring [2]
   --until-failure   stop connecting at the first failures (find a ceiling)
+  --no-busy-poll    let the reader sleep between messages while alerts flow
+
+storm options: C clients, each from its own 127.0.x.y, connect to servers with
+their default rate limits; once settled, S of them press once, all at once
+  --clients C       clients, spread over the instances [1000]
+  --pressers S      how many of them press [all]
+  --settle S        wait after connecting, before the storm [2]
+  --drain S         most seconds after the first press for every client to
+                    account for every press [10]
+  --linger S        read on after that, to catch over-counting [1]
+  --send-threads N  threads writing the presses, released together [1]
+  --no-busy-poll    let the reader sleep while the storm lasts
+
+against running instances (run and storm):
   --url HOST:PORT   an already running instance (repeatable; also ws://HOST:PORT/ws)
   --pid PID         its process, for RSS and CPU (repeatable)
 without --url, the tool starts instances itself (from target/release):
   --instances N     instances to start [1]; more than 1 implies --pubsub
   --pubsub          join them through a pubsub-test-server it starts
+  --pubsub-arg ARG  an argument for that pubsub-test-server (repeatable), e.g.
+                    --pubsub-arg --pulls-return-immediately
+  --server-bin PATH the skywatch binary to start [target/release/skywatch]
   --cgroup MIB      run the instance in a cgroup v1 memory group of MIB MiB
-  --env NAME=VALUE  extra environment for the instances (repeatable)
+  --env NAME=VALUE  extra environment for the instances (repeatable), e.g.
+                    --env STORM_ALERTS_PER_SECOND=20
   --pin             pin the servers to CPU 0 and the tool to CPU 1
-  --no-busy-poll    let the reader sleep between messages while alerts flow
 ";
 
 fn main() -> ExitCode {
@@ -55,6 +79,7 @@ fn main() -> ExitCode {
     let open_files = limits::raise_open_files();
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..], open_files),
+        Some("storm") => run_storm(&args[1..], open_files),
         Some("matrix") => matrix::main(&args[1..]),
         Some("-h" | "--help") => {
             print!("{USAGE}");
@@ -104,21 +129,17 @@ fn run(args: &[String], open_files: u64) -> Result<(), String> {
             "--idle-secs" => plan.idle_window = Duration::from_secs_f64(number(flag, &value()?)?),
             "--settle" => plan.settle = Duration::from_secs_f64(number(flag, &value()?)?),
             "--until-failure" => plan.until_failure = true,
-            "--url" => plan.endpoints.push(endpoint(&value()?)?),
-            "--pid" => plan.pids.push(number(flag, &value()?)?),
-            "--instances" => setup.instances = number(flag, &value()?)?,
-            "--pubsub" => setup.pubsub = true,
-            "--pin" => setup.pin = true,
             "--no-busy-poll" => plan.busy_poll = false,
-            "--cgroup" => setup.cgroup_mib = Some(number(flag, &value()?)?),
-            "--env" => {
-                let pair = value()?;
-                let (name, val) = pair
-                    .split_once('=')
-                    .ok_or_else(|| format!("--env wants NAME=VALUE, not {pair:?}"))?;
-                setup.env.push((name.into(), val.into()));
+            _ => {
+                let target = Target {
+                    endpoints: &mut plan.endpoints,
+                    pids: &mut plan.pids,
+                    setup: &mut setup,
+                };
+                if !target.option(flag, &mut value)? {
+                    return Err(format!("unknown option {flag:?}\n{USAGE}"));
+                }
             }
-            other => return Err(format!("unknown option {other:?}\n{USAGE}")),
         }
     }
     if plan.probe == 0 || plan.alerts == 0 || plan.rate <= 0.0 {
@@ -145,6 +166,116 @@ fn run(args: &[String], open_files: u64) -> Result<(), String> {
     };
     print!("{}", report::text(&report));
     Ok(())
+}
+
+fn run_storm(args: &[String], open_files: u64) -> Result<(), String> {
+    let mut plan = StormPlan::default();
+    let mut setup = Setup {
+        instances: 1,
+        default_rate_limits: true,
+        ..Setup::default()
+    };
+    let mut args = args.iter();
+    while let Some(flag) = args.next() {
+        let mut value = || {
+            args.next()
+                .cloned()
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        let secs = |text: String| number::<f64>(flag, &text).map(Duration::from_secs_f64);
+        match flag.as_str() {
+            "--clients" => plan.clients = number(flag, &value()?)?,
+            "--pressers" => plan.pressers = Some(number(flag, &value()?)?),
+            "--settle" => plan.settle = secs(value()?)?,
+            "--drain" => plan.drain = secs(value()?)?,
+            "--linger" => plan.linger = secs(value()?)?,
+            "--send-threads" => plan.send_threads = number(flag, &value()?)?,
+            "--no-busy-poll" => plan.busy_poll = false,
+            _ => {
+                let target = Target {
+                    endpoints: &mut plan.endpoints,
+                    pids: &mut plan.pids,
+                    setup: &mut setup,
+                };
+                if !target.option(flag, &mut value)? {
+                    return Err(format!("unknown option {flag:?}\n{USAGE}"));
+                }
+            }
+        }
+    }
+    if plan.clients == 0 || plan.pressers == Some(0) || plan.send_threads == 0 {
+        return Err("--clients, --pressers and --send-threads must be positive".into());
+    }
+    if plan.clients > storm::MAX_SOURCES {
+        return Err(format!(
+            "--clients: at most {} (one loopback address each)",
+            storm::MAX_SOURCES
+        ));
+    }
+    setup.pubsub |= setup.instances > 1;
+    // Each presser holds a second descriptor, for the write.
+    let wanted = (plan.clients + plan.pressers.unwrap_or(plan.clients)) as u64;
+    if wanted + 64 > open_files {
+        eprintln!("warning: {wanted} descriptors needed but only {open_files} open files allowed");
+    }
+    eprintln!(
+        "machine: {}; load average {}",
+        procfs::machine(),
+        procfs::load_average()
+    );
+    let report = if plan.endpoints.is_empty() {
+        bench::storm(&setup, &plan)?
+    } else {
+        let mut nothing = |_: &str| {};
+        bench::Report {
+            outcome: storm::run(&plan, &mut nothing).map_err(|err| err.to_string())?,
+            ..bench::Report::default()
+        }
+    };
+    print!("{}", report::storm_text(&report));
+    eprintln!("load average after: {}", procfs::load_average());
+    match report.outcome.bug() {
+        Some(bug) => Err(bug),
+        None => Ok(()),
+    }
+}
+
+/// Where a run or storm goes: options both commands take.
+struct Target<'a> {
+    endpoints: &'a mut Vec<SocketAddr>,
+    pids: &'a mut Vec<u32>,
+    setup: &'a mut Setup,
+}
+
+impl Target<'_> {
+    /// Takes `flag` (and its value) if it is one of these options; returns
+    /// whether it was.
+    fn option(
+        self,
+        flag: &str,
+        value: &mut dyn FnMut() -> Result<String, String>,
+    ) -> Result<bool, String> {
+        let setup = self.setup;
+        match flag {
+            "--url" => self.endpoints.push(endpoint(&value()?)?),
+            "--pid" => self.pids.push(number(flag, &value()?)?),
+            "--instances" => setup.instances = number(flag, &value()?)?,
+            "--pubsub" => setup.pubsub = true,
+            "--pubsub-arg" => setup.pubsub_args.push(value()?),
+            "--server-bin" => setup.server_bin = Some(value()?.into()),
+            "--pin" => setup.pin = true,
+            "--cgroup" => setup.cgroup_mib = Some(number(flag, &value()?)?),
+            "--env" => {
+                let pair = value()?;
+                let (name, val) = pair
+                    .split_once('=')
+                    .ok_or_else(|| format!("--env wants NAME=VALUE, not {pair:?}"))?;
+                setup.env.push((name.into(), val.into()));
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
 }
 
 fn number<T: std::str::FromStr>(flag: &str, text: &str) -> Result<T, String> {

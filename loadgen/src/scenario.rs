@@ -16,7 +16,7 @@ use crate::stats::Percentiles;
 use crate::ws;
 use std::collections::BTreeMap;
 use std::io::{self, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -69,6 +69,11 @@ pub struct Outcome {
     pub probe_expected: u64,
     pub closed_by_server: u64,
     pub error_replies: BTreeMap<String, u64>,
+    /// Storm summaries received, and the presses they counted: a server in
+    /// storm mode (more alerts a second than it sends one by one) sends
+    /// these instead of alerts, which then look undelivered.
+    pub summaries: u64,
+    pub summarized: u64,
     pub alive_at_end: bool,
     /// Why sending the alerts stopped early, if it did.
     pub send_error: Option<String>,
@@ -206,12 +211,14 @@ pub fn run(plan: &Plan, hook: Hook<'_>) -> io::Result<Outcome> {
     outcome.probe_expected = probe_connected * plan.alerts as u64;
     outcome.closed_by_server = tally.closed;
     outcome.error_replies = tally.error_replies;
+    outcome.summaries = tally.summaries;
+    outcome.summarized = tally.summarized;
     outcome.alive_at_end = pids.iter().all(|&p| procfs::rss_kib(p).is_some());
     Ok(outcome)
 }
 
 /// Writes a whole frame to a non-blocking socket.
-fn send_all(stream: &mut TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+pub fn send_all(mut stream: impl Write, mut bytes: &[u8]) -> io::Result<()> {
     while !bytes.is_empty() {
         match stream.write(bytes) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -228,7 +235,7 @@ fn send_all(stream: &mut TcpStream, mut bytes: &[u8]) -> io::Result<()> {
 
 /// Milliseconds since the epoch: the first alert's timestamp, so alerts look
 /// like a browser's (the server accepts any timestamp up to 2^53).
-fn wall_clock_ms() -> u64 {
+pub fn wall_clock_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)

@@ -7,7 +7,8 @@
 //! two cores as possible while the server is being measured.
 
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::time::Duration;
 
 /// Bound for connecting and for the whole handshake of one client. A server
@@ -38,8 +39,22 @@ impl JoinError {
 /// Opens a WebSocket to `addr` (path `/ws`). Returns the blocking stream and
 /// any bytes that arrived after the 101 response (usually the greeting).
 pub fn open(addr: SocketAddr) -> Result<(TcpStream, Vec<u8>), JoinError> {
-    let mut stream =
-        TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT).map_err(JoinError::Connect)?;
+    open_from(addr, None)
+}
+
+/// [`open`], from the local address `source` when given (port chosen by the
+/// kernel): on loopback every 127.0.0.0/8 address is this machine's, so each
+/// client can look like a different person on the internet.
+pub fn open_from(
+    addr: SocketAddr,
+    source: Option<Ipv4Addr>,
+) -> Result<(TcpStream, Vec<u8>), JoinError> {
+    let mut stream = match (source, addr) {
+        (Some(source), SocketAddr::V4(to)) => {
+            connect_from(source, to, HANDSHAKE_TIMEOUT).map_err(JoinError::Connect)?
+        }
+        _ => TcpStream::connect_timeout(&addr, HANDSHAKE_TIMEOUT).map_err(JoinError::Connect)?,
+    };
     let handshake_failed = |err: io::Error| JoinError::Handshake(err.to_string());
     stream.set_nodelay(true).map_err(handshake_failed)?;
     stream
@@ -85,6 +100,73 @@ pub fn open(addr: SocketAddr) -> Result<(TcpStream, Vec<u8>), JoinError> {
     }
     stream.set_read_timeout(None).map_err(handshake_failed)?;
     Ok((stream, response.split_off(head_end)))
+}
+
+/// Connects a socket bound to `source` (any port) to `to`, within `timeout`:
+/// `TcpStream` cannot bind before connecting, so this is done by hand.
+fn connect_from(source: Ipv4Addr, to: SocketAddrV4, timeout: Duration) -> io::Result<TcpStream> {
+    let sockaddr = |addr: SocketAddrV4| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain syscalls; the descriptor is owned by `fd` from here on,
+    // and every pointer passed is to a live local of the size given.
+    unsafe {
+        let raw = libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        );
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(raw);
+        let local = sockaddr(SocketAddrV4::new(source, 0));
+        if libc::bind(raw, (&raw const local).cast(), len) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let remote = sockaddr(to);
+        if libc::connect(raw, (&raw const remote).cast(), len) < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EINPROGRESS) {
+                return Err(err);
+            }
+            let mut poll = libc::pollfd {
+                fd: raw,
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+            match libc::poll(&mut poll, 1, ms) {
+                0 => return Err(io::ErrorKind::TimedOut.into()),
+                n if n < 0 => return Err(io::Error::last_os_error()),
+                _ => {}
+            }
+            let mut error: libc::c_int = 0;
+            let mut error_len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            if libc::getsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&raw mut error).cast(),
+                &mut error_len,
+            ) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if error != 0 {
+                return Err(io::Error::from_raw_os_error(error));
+            }
+        }
+        let stream = TcpStream::from(fd);
+        stream.set_nonblocking(false)?;
+        Ok(stream)
+    }
 }
 
 /// A frame from the server, borrowed from the read buffer.
@@ -216,6 +298,26 @@ mod tests {
             .map(|(b, m)| b ^ m)
             .collect();
         assert_eq!(unmasked, b"abc");
+    }
+
+    #[test]
+    fn connects_from_the_source_address_given() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let SocketAddr::V4(to) = listener.local_addr().unwrap() else {
+            unreachable!("bound to an IPv4 address")
+        };
+        let source = Ipv4Addr::new(127, 0, 3, 7);
+        let stream = connect_from(source, to, Duration::from_secs(3)).unwrap();
+        let (_accepted, peer) = listener.accept().unwrap();
+        assert_eq!(peer.ip(), source);
+        assert_eq!(stream.local_addr().unwrap().ip(), source);
+        assert_eq!(stream.peer_addr().unwrap(), SocketAddr::V4(to));
+        drop(listener);
+        let refused = connect_from(source, to, Duration::from_secs(3));
+        assert_eq!(
+            refused.err().map(|e| e.kind()),
+            Some(io::ErrorKind::ConnectionRefused)
+        );
     }
 
     #[test]
