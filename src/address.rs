@@ -70,10 +70,10 @@ impl Addresses {
         Addresses {
             limits,
             table: Mutex::new(Table {
-                // Sized once: growing it (rehashing) would run deep on a
-                // connection thread's stack, whose every touched page is kept
-                // for the connection's life.
-                entries: HashMap::with_capacity(limits.capacity),
+                // Grown as addresses come, not sized for the bound: a
+                // table sized for every possible entry would touch a page of
+                // memory for nearly every address it holds.
+                entries: HashMap::new(),
                 last_sweep: None,
             }),
         }

@@ -7,6 +7,7 @@
 //! `make bench` and writes BENCHMARKS.md's numbers. Run with `--help` for
 //! the options.
 
+mod abuse;
 mod bench;
 mod floor;
 mod launch;
@@ -32,6 +33,9 @@ const USAGE: &str = "\
 usage:
   skywatch-load run [options]       measure one setup: one client sends alerts
   skywatch-load storm [options]     a crowd presses at once (see storm options)
+  skywatch-load abuse [--server-bin PATH]
+                                    one attacker against a bystander: a ping flood
+                                    and a sender that reconnects after every burst
   skywatch-load matrix [--write FILE] [--runs N] [--only TEXT]
                                     the standard matrix (make bench); with --write,
                                     replaces the generated part of FILE; --only runs
@@ -80,6 +84,7 @@ fn main() -> ExitCode {
     let result = match args.first().map(String::as_str) {
         Some("run") => run(&args[1..], open_files),
         Some("storm") => run_storm(&args[1..], open_files),
+        Some("abuse") => run_abuse(&args[1..]),
         Some("matrix") => matrix::main(&args[1..]),
         Some("-h" | "--help") => {
             print!("{USAGE}");
@@ -94,6 +99,69 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn run_abuse(args: &[String]) -> Result<(), String> {
+    let server_bin = match args {
+        [] => None,
+        [flag, path] if flag == "--server-bin" => Some(path.into()),
+        _ => return Err(format!("abuse: expected [--server-bin PATH]\n{USAGE}")),
+    };
+    let (flood, unlimited, reconnect) = abuse_runs(server_bin)?;
+    print!("{}", abuse::text(&flood, &reconnect));
+    print!("with CONTROL_PER_SECOND out of reach (the fan-out's turns alone): ");
+    print!(
+        "{}",
+        abuse::text(&unlimited, &reconnect)
+            .lines()
+            .next()
+            .unwrap_or("")
+    );
+    println!();
+    Ok(())
+}
+
+/// The abuse measurements against a fresh server each: the ping flood with
+/// the server's control limit, then with it out of reach, then the
+/// reconnecting sender with every default limit.
+pub fn abuse_runs(
+    server_bin: Option<std::path::PathBuf>,
+) -> Result<
+    (
+        abuse::FloodOutcome,
+        abuse::FloodOutcome,
+        abuse::ReconnectOutcome,
+    ),
+    String,
+> {
+    let flood_setup = |extra: &[(&str, &str)]| Setup {
+        instances: 1,
+        server_bin: server_bin.clone(),
+        // The bystander's own alerts, one every 150 ms, never meet a limit.
+        env: [("STORM_ALERTS_PER_SECOND", "1000")]
+            .iter()
+            .chain(extra)
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Setup::default()
+    };
+    let flood = |setup: &Setup| {
+        bench::with_servers(setup, |servers, _| abuse::ping_flood(servers[0].addr))
+            .map(|report| report.outcome)
+    };
+    let limited = flood(&flood_setup(&[]))?;
+    let unlimited = flood(&flood_setup(&[("CONTROL_PER_SECOND", "1000000000")]))?;
+    let reconnect_setup = Setup {
+        instances: 1,
+        server_bin,
+        default_rate_limits: true,
+        ..Setup::default()
+    };
+    let reconnect = bench::with_servers(&reconnect_setup, |servers, _| {
+        abuse::reconnecting_sender(servers[0].addr, Duration::from_secs(3))
+    })?
+    .outcome;
+    Ok((limited, unlimited, reconnect))
 }
 
 fn run(args: &[String], open_files: u64) -> Result<(), String> {

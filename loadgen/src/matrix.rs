@@ -141,6 +141,12 @@ pub fn main(args: &[String]) -> Result<(), String> {
     }
 
     let storms = storm_rows(runs, &wanted, &mut skipped);
+    let abuse = if wanted("under abuse") {
+        eprintln!("under abuse: ping flood, twice, then a reconnecting sender");
+        Some(crate::abuse_runs(None)?)
+    } else {
+        None
+    };
 
     let cgroup = match bench::cgroup_available() {
         _ if !wanted("256 MiB cgroup") => None,
@@ -160,6 +166,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
     let markdown = render(&Rendering {
         rows: &rows,
         storms: &storms,
+        abuse: abuse.as_ref(),
         skipped: &skipped,
         cgroup: cgroup.as_ref(),
         floor_us,
@@ -367,6 +374,7 @@ fn cgroup_runs(plan: &crate::scenario::Plan) -> Result<CgroupRuns, String> {
 struct Rendering<'a> {
     rows: &'a [Row],
     storms: &'a [StormRow],
+    abuse: Option<&'a AbuseRuns>,
     /// Rows that could not run, and why.
     skipped: &'a [String],
     cgroup: Option<&'a CgroupRuns>,
@@ -515,6 +523,9 @@ fn render(r: &Rendering<'_>) -> String {
         }
     }
     render_storms(&mut out, r.storms);
+    if let Some(abuse) = r.abuse {
+        render_abuse(&mut out, abuse);
+    }
     if !r.skipped.is_empty() {
         let _ = writeln!(out);
         for why in r.skipped {
@@ -523,6 +534,61 @@ fn render(r: &Rendering<'_>) -> String {
     }
     let _ = writeln!(out, "\n{END}");
     out
+}
+
+type AbuseRuns = (
+    crate::abuse::FloodOutcome,
+    crate::abuse::FloodOutcome,
+    crate::abuse::ReconnectOutcome,
+);
+
+fn render_abuse(out: &mut String, (limited, unlimited, reconnect): &AbuseRuns) {
+    let _ = writeln!(out, "\n#### Under abuse\n");
+    let _ = writeln!(
+        out,
+        "A bystander times its own alerts (one every 150 ms) alone, then while one \
+         attacker on another address floods pings, reads its pongs and reconnects \
+         whenever it is closed (`skywatch-load abuse`).\n"
+    );
+    let _ = writeln!(
+        out,
+        "| attack | bystander round trip alone, p50 / p90 / max | during the attack | attacker |"
+    );
+    let _ = writeln!(out, "|---|---|---|---|");
+    let ms = |p: &Option<crate::stats::Percentiles>| match p {
+        Some(p) => format!(
+            "{:.2} / {:.2} / {:.2} ms",
+            p.p50 as f64 / 1000.0,
+            p.p90 as f64 / 1000.0,
+            p.max as f64 / 1000.0
+        ),
+        None => "none".into(),
+    };
+    for (name, flood) in [
+        ("ping flood, default limits", limited),
+        (
+            "ping flood, CONTROL_PER_SECOND out of reach (the fan-out's turns alone)",
+            unlimited,
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "| {name} | {} | {} | closed {} times |",
+            ms(&flood.quiet),
+            ms(&flood.flooded),
+            flood.closed
+        );
+    }
+    let _ = writeln!(
+        out,
+        "\n| attack | alerts accepted from the one address |\n|---|---|\n\
+         | reconnect, send 5, repeat, for {:.0} s (default limits) | {:.1} a second ({} accepted, {} refused, {} connections) |",
+        reconnect.seconds,
+        reconnect.accepted_per_second(),
+        reconnect.accepted,
+        reconnect.refused,
+        reconnect.connections
+    );
 }
 
 fn render_storms(out: &mut String, rows: &[StormRow]) {
