@@ -41,7 +41,7 @@ lint:
 fmt:
 	$(CARGO) fmt --all
 
-## bench: the benchmark matrix (about 4 minutes; the 256 MiB cgroup run needs
+## bench: the benchmark matrix (about 7 minutes; the 256 MiB cgroup run needs
 ##        root), written into BENCHMARKS.md's generated section
 bench:
 	$(CARGO) build --release --locked --workspace --bins
