@@ -174,7 +174,7 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
         // `deliveries`).
         let mut worked = false;
         for event in events.try_iter().take(EVENTS_PER_TURN) {
-            hub.handle(event);
+            handle(&mut hub, event, deliveries.as_ref());
             worked = true;
         }
         if let Some(queue) = &deliveries {
@@ -190,11 +190,14 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
             // until there is housekeeping to do.
             let now = Instant::now();
             let timeout = hub.next_wakeup(now).saturating_duration_since(now);
+            let overflow = Arc::clone(&hub.overflow);
             select! {
                 recv(events) -> event => match event {
-                    Ok(event) => hub.handle(event),
+                    Ok(event) => handle(&mut hub, event, deliveries.as_ref()),
                     Err(_) => break,
                 },
+                // Counted by housekeeping, below.
+                recv(overflow.wakeup()) -> _ => {}
                 recv(deliveries.as_ref().unwrap_or(&never)) -> delivery => match delivery {
                     Ok(delivery) => {
                         hub.take(delivery);
@@ -211,6 +214,17 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
         METRICS.connected_clients.set(hub.clients.len() as i64);
     }
     METRICS.connected_clients.set(0);
+}
+
+/// Handles one event. Before a shutdown, alerts already waiting (accepted,
+/// and answered `ACCEPTED`) go out ahead of the close frames.
+fn handle(hub: &mut Hub, event: Event, deliveries: Option<&Receiver<Delivery>>) {
+    if let (Event::Shutdown { .. }, Some(queue)) = (&event, deliveries) {
+        for delivery in queue.try_iter().take(DELIVERIES_PER_TURN) {
+            hub.take(delivery);
+        }
+    }
+    hub.handle(event);
 }
 
 #[derive(PartialEq, Eq)]
@@ -310,7 +324,7 @@ impl Hub {
                 // presence picture, in one write.
                 let mut frames = greeting.to_vec();
                 if let Some(since) = since {
-                    frames.extend(replay(&self.recent, &since));
+                    frames.extend(replay(&self.recent, &since, self.limits.max_backlog / 2));
                 }
                 if let Some(watchers) = &mut self.presence {
                     // This instance's count includes the newcomer at once,
@@ -635,17 +649,23 @@ impl Hub {
 
 /// What a client coming back after the message `since` is owed, as frames
 /// for one write: every later message still held, marked replayed, or a
-/// MISSED notice.
-fn replay(recent: &Recent, since: &str) -> Vec<u8> {
-    match recent.after(since) {
-        Missed::Messages(sent) => {
-            METRICS.alerts_replayed.add(sent.len() as u64);
-            sent.iter()
-                .flat_map(|message| text_frame(message.to_replay_json()))
-                .collect()
+/// MISSED notice. A replay larger than `max_bytes` (half a client's backlog
+/// limit, so the write cannot get the client dropped as slow) is a MISSED
+/// notice too.
+fn replay(recent: &Recent, since: &str, max_bytes: usize) -> Vec<u8> {
+    let missed = || text_frame(message::missed(since));
+    let Missed::Messages(sent) = recent.after(since) else {
+        return missed();
+    };
+    let mut frames = Vec::new();
+    for message in &sent {
+        frames.extend(text_frame(message.to_replay_json()));
+        if frames.len() > max_bytes {
+            return missed();
         }
-        Missed::Unknown => text_frame(message::missed(since)),
     }
+    METRICS.alerts_replayed.add(sent.len() as u64);
+    frames
 }
 
 /// Frames waiting to be written to every client in one batch.

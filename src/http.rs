@@ -170,11 +170,7 @@ fn accept_loop(listener: &TcpListener, server: &Arc<Server>, stopping: &AtomicBo
                 if stopping.load(Ordering::SeqCst) {
                     return;
                 }
-                // Make room among the pending first: an idle socket must not
-                // keep a health check out.
-                let pending = server.add_pending(&stream);
                 if server.connections.load(Ordering::SeqCst) >= limit {
-                    server.remove_pending(pending);
                     METRICS.refused(Refusal::ConnectionLimit);
                     if let Some(more) = REFUSED_AT_LIMIT.allow() {
                         crate::warn!(
@@ -184,6 +180,10 @@ fn accept_loop(listener: &TcpListener, server: &Arc<Server>, stopping: &AtomicBo
                     }
                     continue; // dropping the stream closes it
                 }
+                // Among the pending, the oldest makes room for it when they
+                // are too many: an idle socket must not keep a health check
+                // out.
+                let pending = server.add_pending(&stream);
                 server.connections.fetch_add(1, Ordering::SeqCst);
                 let for_thread = Arc::clone(server);
                 let spawned = std::thread::Builder::new()
@@ -248,9 +248,10 @@ fn release_stack_below_here() {
     let here = std::ptr::addr_of!(here) as usize;
     let mut attr = std::mem::MaybeUninit::<libc::pthread_attr_t>::uninit();
     let (mut low, mut size) = (std::ptr::null_mut(), 0usize);
-    // SAFETY: pthread_getattr_np fills `attr` for the calling thread (it
-    // only reads glibc's own thread record); pthread_attr_getstack reads
-    // it into two locals; it is destroyed before it goes out of scope.
+    // SAFETY: pthread_getattr_np fills `attr` for the calling thread (from
+    // glibc's own thread record, with a cpuset it allocates);
+    // pthread_attr_getstack reads it into two locals; pthread_attr_destroy
+    // frees it before it goes out of scope.
     let known = unsafe {
         let filled = libc::pthread_getattr_np(libc::pthread_self(), attr.as_mut_ptr()) == 0;
         let read = filled && libc::pthread_attr_getstack(attr.as_ptr(), &mut low, &mut size) == 0;
@@ -259,7 +260,13 @@ fn release_stack_below_here() {
         }
         read
     };
-    let page = 4096;
+    // The kernel's page size (4 KiB on x86_64; 16 or 64 KiB on some arm64
+    // kernels), since madvise rounds its length up to whole pages.
+    // SAFETY: sysconf only reads a system value.
+    let page = match unsafe { libc::sysconf(libc::_SC_PAGESIZE) } {
+        size if size > 0 => size as usize,
+        _ => return,
+    };
     // Room below this frame for the madvise call itself (a bare syscall
     // wrapper), then everything from the next page boundary down.
     let end = here.saturating_sub(512) & !(page - 1);

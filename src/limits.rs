@@ -61,6 +61,10 @@ pub const EXTRA_CONNECTIONS: u64 = 256;
 /// listener, stdio, the fan-out, the broker's threads and HTTPS connections.
 pub const OWN_SHARE: u64 = 64;
 
+/// Descriptors http.rs holds besides each connection's own: a handle on each
+/// of up to 128 connections still sending their request.
+pub const PENDING_HANDLES: u64 = 128;
+
 /// Memory mappings each connection thread costs: its stack, the stack's
 /// guard page, Rust's signal stack and its guard (BENCHMARKS.md: thread
 /// creation fails past ~16,380 clients with the default 65,530).
@@ -227,7 +231,9 @@ pub fn derive(inputs: &Inputs) -> Capacity {
     let per_client = inputs.per_client.max(1);
     let by_memory = memory.saturating_sub(RESERVE_BYTES + backlog_budget) / per_client;
     let others = EXTRA_CONNECTIONS + OWN_SHARE;
-    let open_files_cap = inputs.open_files.map(|n| n.saturating_sub(others));
+    let open_files_cap = inputs
+        .open_files
+        .map(|n| n.saturating_sub(others + PENDING_HANDLES));
     let map_count_cap = inputs
         .max_map_count
         .map(|n| (n / MAPPINGS_PER_THREAD).saturating_sub(others));
@@ -454,7 +460,7 @@ mod tests {
         assert_eq!(
             c.to_string(),
             "MAX_CONNECTIONS 5397: 256 MiB (cgroup v1 memory.limit_in_bytes) - 16 MiB reserve \
-             - 16 MiB backlogs, at 42.5 KiB per client; open files cap 1048256, \
+             - 16 MiB backlogs, at 42.5 KiB per client; open files cap 1048128, \
              max_map_count/4 cap 16062"
         );
     }
@@ -514,8 +520,8 @@ mod tests {
         let mut i = inputs(GIB, None);
         i.open_files = Some(1024);
         let c = derive(&i);
-        assert_eq!(c.open_files_cap, Some(1024 - 320));
-        assert_eq!(c.max_connections, 704);
+        assert_eq!(c.open_files_cap, Some(1024 - 320 - 128));
+        assert_eq!(c.max_connections, 576);
 
         i.open_files = Some(100);
         assert_eq!(derive(&i).max_connections, 1);

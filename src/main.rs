@@ -125,7 +125,8 @@ fn run(config: Config) -> Result<(), String> {
             // A quarter of every client at its own limit, within what the
             // machine's memory set aside for backlogs.
             max_total_backlog: (max_connections.saturating_mul(MAX_BACKLOG) / 4)
-                .min(capacity.backlog_budget as usize),
+                .min(capacity.backlog_budget as usize)
+                .max(MAX_BACKLOG),
         },
         recovery_alerts: config.recovery_alerts,
         storm_alerts_per_second: config.storm_alerts_per_second,

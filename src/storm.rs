@@ -23,6 +23,7 @@
 //! due. Times come in as arguments, so the tests below control the clock.
 
 use crate::message::{self, Alert};
+use crossbeam_channel::{Receiver, Sender, bounded};
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Mutex;
@@ -238,11 +239,23 @@ fn ms(duration: Duration) -> u64 {
 /// counted here, by region, and added to the next summary by the fan-out.
 /// That way a storm never makes the local broker refuse a press (the
 /// Pub/Sub broker queues them instead; see ARCHITECTURE.md).
-#[derive(Default)]
 pub struct Overflow {
     /// Lets the fan-out skip the lock on every turn when nothing is here.
     pending: AtomicU64,
     regions: Mutex<HashMap<String, u64>>,
+    /// Wakes the fan-out, which may have drained the full queue and gone to
+    /// sleep between a connection thread finding it full and counting here.
+    wake: (Sender<()>, Receiver<()>),
+}
+
+impl Default for Overflow {
+    fn default() -> Overflow {
+        Overflow {
+            pending: AtomicU64::new(0),
+            regions: Mutex::new(HashMap::new()),
+            wake: bounded(1),
+        }
+    }
 }
 
 impl Overflow {
@@ -250,6 +263,13 @@ impl Overflow {
         let mut regions = self.regions.lock().unwrap_or_else(|e| e.into_inner());
         *regions.entry(alert.region.clone()).or_default() += 1;
         self.pending.fetch_add(1, Ordering::Release);
+        drop(regions);
+        let _ = self.wake.0.try_send(());
+    }
+
+    /// Ready when presses were counted here: for the fan-out's `select!`.
+    pub fn wakeup(&self) -> &Receiver<()> {
+        &self.wake.1
     }
 
     /// Everything counted since the last call.
@@ -472,6 +492,9 @@ mod tests {
         overflow.add(&alert("ams"));
         overflow.add(&alert("ams"));
         overflow.add(&alert("syd"));
+        // The fan-out is woken, once however many were counted.
+        assert!(overflow.wakeup().try_recv().is_ok());
+        assert!(overflow.wakeup().try_recv().is_err());
         let taken = overflow.take().unwrap();
         assert_eq!(taken, HashMap::from([("ams".into(), 2), ("syd".into(), 1)]));
         assert!(overflow.take().is_none());

@@ -387,3 +387,47 @@ fn waiting_frames_go_out_in_one_batch_with_the_same_bytes() {
         assert_eq!(sender.next_alert()["timestamp"], ts);
     }
 }
+
+#[test]
+fn a_replay_too_large_for_one_write_is_a_missed_notice() {
+    // Room for 1,000 messages, but a replay must fit half a client's 64 KiB
+    // backlog, or writing it would get the returning client dropped as slow.
+    let server = Server::start(&[
+        ("RECOVERY_ALERTS", "1000"),
+        ("ALERTS_PER_SECOND", "100000"),
+        ("ALERT_BURST", "100000"),
+        ("ADDRESS_ALERTS_PER_SECOND", "100000"),
+        ("ADDRESS_ALERT_BURST", "100000"),
+        ("STORM_ALERTS_PER_SECOND", "100000"),
+    ]);
+    let mut sender = connect_from(server.addr, person(0));
+    sender.send_alert(0);
+    let first = sender.next_alert()["id"].as_str().unwrap().to_string();
+    // 400 alerts of ~170 bytes: ~68 KB after the first.
+    for ts in 1..=400 {
+        sender.send_alert(ts);
+    }
+    let mut three_hundredth = String::new();
+    for ts in 1..=400 {
+        let v = sender.next_alert();
+        assert_eq!(v["timestamp"], ts);
+        if ts == 300 {
+            three_hundredth = v["id"].as_str().unwrap().to_string();
+        }
+    }
+    let mut back = connect_since(server.addr, &first);
+    let v = back.next_json();
+    assert_eq!(v["message"], "MISSED", "{v}");
+    assert_eq!(v["since"], first.as_str());
+    // Coming back after the 300th: the last 100 (~17 KB) fit, in order.
+    let mut near = connect_since(server.addr, &three_hundredth);
+    for ts in 301..=400 {
+        let v = near.next_alert();
+        assert_eq!(
+            (v["timestamp"].as_u64(), v["replayed"].as_bool()),
+            (Some(ts), Some(true))
+        );
+    }
+    back.send_alert(7);
+    assert_eq!(back.next_alert()["timestamp"], 7);
+}
