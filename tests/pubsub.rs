@@ -1276,3 +1276,36 @@ fn several_outstanding_pulls_hide_a_pull_held_to_fill_a_batch() {
         "four pulls: {four:?} (one pull: {one:?})"
     );
 }
+
+#[test]
+fn an_aborted_create_is_retried_not_taken_as_done() {
+    // 409 is ALREADY_EXISTS and ABORTED alike; only the first means done.
+    let ts = test_server(Options::default());
+    ts.abort_next_creates(2);
+    let server = start_emulated(&ts, "abab0001", "ams");
+    wait_subscribed(&ts, &server, &subscription("abab0001"));
+    assert_eq!(count(&ts, |r| r.method == "PUT" && r.status == 409), 2);
+    // Ready only once the subscription really existed: no pull ever found it
+    // missing (taken as done, an aborted create would have sent the pulls
+    // into a 404 first).
+    assert_eq!(count(&ts, |r| is_pull(r) && r.status == 404), 0);
+    let mut c = server.client();
+    c.send_alert(71);
+    expect_alert(&mut c, DELIVERY_TIMEOUT, 71, "ams", "abab0001");
+}
+
+#[test]
+fn a_role_that_cannot_create_topics_uses_the_existing_one() {
+    let ts = test_server(Options::default());
+    let rest = Rest::new(&ts);
+    let (status, answer) = rest.call(&ts, "PUT", TOPIC, &json!({}));
+    assert_eq!(status, 200, "cannot create the topic: {answer}");
+    // From now on a topic create is refused, as for a least-privilege role.
+    ts.deny_topic_creates(true);
+    let server = start_emulated(&ts, "abab0002", "ams");
+    wait_subscribed(&ts, &server, &subscription("abab0002"));
+    assert!(count(&ts, |r| r.method == "PUT" && r.status == 403) >= 1);
+    let mut c = server.client();
+    c.send_alert(72);
+    expect_alert(&mut c, DELIVERY_TIMEOUT, 72, "ams", "abab0002");
+}

@@ -71,6 +71,9 @@ pub(crate) struct ApiError {
     pub(crate) code: u16,
     pub(crate) message: String,
     headers: Vec<(&'static str, String)>,
+    /// Google's `status` when the HTTP code alone does not say it (409 is
+    /// both ALREADY_EXISTS and ABORTED).
+    status: Option<&'static str>,
 }
 
 impl ApiError {
@@ -79,7 +82,40 @@ impl ApiError {
             code,
             message,
             headers: Vec::new(),
+            status: None,
         }
+    }
+
+    /// 409 ABORTED: a transient conflict, to be retried (Google's error
+    /// table maps ABORTED to HTTP 409, like ALREADY_EXISTS).
+    fn aborted() -> ApiError {
+        ApiError {
+            status: Some("ABORTED"),
+            ..ApiError::new(
+                409,
+                "The operation was aborted (pubsub-test-server abort_next_creates).".into(),
+            )
+        }
+    }
+
+    /// What a caller whose role lacks `pubsub.topics.create` gets, whether or
+    /// not the topic exists.
+    fn topic_create_denied() -> ApiError {
+        ApiError::new(403, "User not authorized to perform this action.".into())
+    }
+
+    /// The next create of a topic or subscription fails as `abort_next_creates`
+    /// or `deny_topic_creates` asks.
+    fn create_refused(shared: &Shared, topic: bool) -> Option<ApiError> {
+        let mut state = shared.lock();
+        if topic && state.deny_topic_creates {
+            return Some(ApiError::topic_create_denied());
+        }
+        if state.abort_creates > 0 {
+            state.abort_creates -= 1;
+            return Some(ApiError::aborted());
+        }
+        None
     }
 
     pub(crate) fn invalid(message: String) -> ApiError {
@@ -155,7 +191,7 @@ impl ApiError {
             json!({"error": {
                 "code": self.code,
                 "message": self.message,
-                "status": status_name(self.code),
+                "status": self.status.unwrap_or(status_name(self.code)),
             }}),
         );
         reply.headers = self.headers;
@@ -713,6 +749,9 @@ const TOPIC_FIELDS: &[&str] = &[
 ];
 
 fn create_topic(shared: &Shared, name: &str, body: &[u8]) -> Result<Reply, ApiError> {
+    if let Some(refused) = ApiError::create_refused(shared, true) {
+        return Err(refused);
+    }
     let obj = json::fields(&json::parse_body(body)?, TOPIC_FIELDS, "topic")?;
     refuse_unemulated(
         &obj,
@@ -934,6 +973,9 @@ fn check_retention(retention: u128) -> Result<(), ApiError> {
 }
 
 fn create_subscription(shared: &Shared, name: &str, body: &[u8]) -> Result<Reply, ApiError> {
+    if let Some(refused) = ApiError::create_refused(shared, false) {
+        return Err(refused);
+    }
     const AT: &str = "subscription";
     let obj = json::fields(&json::parse_body(body)?, SUBSCRIPTION_FIELDS, AT)?;
     refuse_unemulated(

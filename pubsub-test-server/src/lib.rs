@@ -291,6 +291,24 @@ impl PubSubTestServer {
         self.shared.notify(&mut state);
     }
 
+    /// The next `n` creates of a topic or subscription answer 409 with status
+    /// `ABORTED` (a transient conflict, which Google maps to the same HTTP code
+    /// as `ALREADY_EXISTS`), and create nothing.
+    pub fn abort_next_creates(&self, n: usize) {
+        let mut state = self.shared.lock();
+        state.abort_creates = n;
+        self.shared.notify(&mut state);
+    }
+
+    /// While `on`, every topic create answers 403 `PERMISSION_DENIED`, whether
+    /// or not the topic exists: what a role without `pubsub.topics.create`
+    /// (a least-privilege custom role) gets.
+    pub fn deny_topic_creates(&self, on: bool) {
+        let mut state = self.shared.lock();
+        state.deny_topic_creates = on;
+        self.shared.notify(&mut state);
+    }
+
     /// Sleeps `d` before answering each later `/v1` call (zero turns it off).
     pub fn set_delay(&self, d: Duration) {
         let mut state = self.shared.lock();

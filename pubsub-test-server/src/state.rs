@@ -237,6 +237,10 @@ pub(crate) struct State {
     next_uid: u64,
     pub(crate) fail_next: usize,
     pub(crate) fail_status: u16,
+    /// Creates of topics and subscriptions still to be answered 409 ABORTED.
+    pub(crate) abort_creates: usize,
+    /// Topic creates answer 403, as for a role without pubsub.topics.create.
+    pub(crate) deny_topic_creates: bool,
     /// Every `/v1` call fails with `outage_status` until this instant (an outage).
     pub(crate) outage_until: Option<Instant>,
     pub(crate) outage_status: u16,
@@ -280,6 +284,8 @@ impl State {
             next_uid: 0,
             fail_next: 0,
             fail_status: 503,
+            abort_creates: 0,
+            deny_topic_creates: false,
             outage_until: None,
             outage_status: 503,
             delay: Duration::ZERO,

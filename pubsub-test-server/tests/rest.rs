@@ -538,6 +538,24 @@ fn injected_failures_then_success() {
 }
 
 #[test]
+fn aborted_and_denied_creates_answer_like_google() {
+    let (server, client) = start();
+    let topic = format!("/v1/{TOPIC}");
+    server.abort_next_creates(1);
+    // 409 with ABORTED, not ALREADY_EXISTS, and nothing created.
+    assert_error(&client.put(&topic, None), 409, "ABORTED");
+    assert_eq!(client.get(&topic).0, 404);
+    assert_eq!(client.put(&topic, None).0, 200);
+    assert_error(&client.put(&topic, None), 409, "ALREADY_EXISTS");
+    // A role without pubsub.topics.create: 403 even though the topic exists.
+    server.deny_topic_creates(true);
+    assert_error(&client.put(&topic, None), 403, "PERMISSION_DENIED");
+    assert_eq!(client.get(&topic).0, 200);
+    server.deny_topic_creates(false);
+    assert_error(&client.put(&topic, None), 409, "ALREADY_EXISTS");
+}
+
+#[test]
 fn an_outage_fails_every_call_and_held_pulls_until_it_ends() {
     let (server, client) = start();
     topic_and_subscription(&client);

@@ -603,6 +603,13 @@ impl ApiError {
             _ => None,
         }
     }
+
+    /// A create that found its resource already there. Google answers 409 for
+    /// ABORTED too (a transient conflict, to be retried), so the status says
+    /// which.
+    fn already_exists(&self) -> bool {
+        matches!(self, ApiError::Status { code: 409, status, .. } if status == "ALREADY_EXISTS")
+    }
 }
 
 impl fmt::Display for ApiError {
@@ -656,7 +663,15 @@ impl Api {
 
     fn create_topic(&self) -> Result<(), ApiError> {
         match self.call(&self.calls, "PUT", &self.topic, Some(json!({}))) {
-            Err(err) if err.status() == Some(409) => Ok(()), // ALREADY_EXISTS
+            Err(err) if err.already_exists() => Ok(()),
+            // A least-privilege role without pubsub.topics.create is refused
+            // even when the topic exists: then an existing topic will do.
+            Err(err) if err.status() == Some(403) => {
+                match self.call(&self.calls, "GET", &self.topic, None) {
+                    Ok(_) => Ok(()),
+                    Err(_) => Err(err),
+                }
+            }
             other => other.map(drop),
         }
     }
@@ -673,7 +688,7 @@ impl Api {
             "expirationPolicy": { "ttl": "86400s" },
         });
         match self.call(&self.calls, "PUT", &self.subscription, Some(body)) {
-            Err(err) if err.status() == Some(409) => Ok(()),
+            Err(err) if err.already_exists() => Ok(()),
             other => other.map(drop),
         }
     }
