@@ -260,25 +260,42 @@ pub fn reconnecting_sender(addr: SocketAddr, window: Duration) -> io::Result<Rec
     Ok(outcome)
 }
 
-/// Both measurements as text, for `skywatch-load abuse`.
-pub fn text(flood: &FloodOutcome, reconnect: &ReconnectOutcome) -> String {
-    let ms = |p: &Option<Percentiles>| match p {
+/// Round trips as "p50 / p90 / max" in milliseconds.
+pub fn round_trips_ms(p: &Option<Percentiles>) -> String {
+    match p {
         Some(p) => format!(
-            "p50 {:.2} ms, p90 {:.2} ms, max {:.2} ms",
+            "{:.2} / {:.2} / {:.2} ms",
             p.p50 as f64 / 1000.0,
             p.p90 as f64 / 1000.0,
             p.max as f64 / 1000.0
         ),
         None => "none".into(),
+    }
+}
+
+/// The measurements as text, for `skywatch-load abuse`.
+pub fn text(
+    limited: &FloodOutcome,
+    unlimited: &FloodOutcome,
+    reconnect: &ReconnectOutcome,
+) -> String {
+    let flood = |name: &str, flood: &FloodOutcome| {
+        format!(
+            "{name}: bystander's alert round trip (p50 / p90 / max) alone {}, during the \
+             flood {} ({} pings sent into its sockets, attacker closed {} times)\n",
+            round_trips_ms(&flood.quiet),
+            round_trips_ms(&flood.flooded),
+            flood.pings,
+            flood.closed,
+        )
     };
     format!(
-        "ping flood: bystander's alert round trip alone {}; during the flood {} \
-         ({} pings sent into its sockets, attacker closed {} times)\n\
-         reconnecting sender: {} alerts accepted in {:.1} s ({:.1} a second), {} refused, {} connections\n",
-        ms(&flood.quiet),
-        ms(&flood.flooded),
-        flood.pings,
-        flood.closed,
+        "{}{}reconnecting sender: {} alerts accepted in {:.1} s ({:.1} a second), {} refused, {} connections\n",
+        flood("ping flood", limited),
+        flood(
+            "ping flood, CONTROL_PER_SECOND out of reach (the fan-out's turns alone)",
+            unlimited
+        ),
         reconnect.accepted,
         reconnect.seconds,
         reconnect.accepted_per_second(),

@@ -107,17 +107,8 @@ fn run_abuse(args: &[String]) -> Result<(), String> {
         [flag, path] if flag == "--server-bin" => Some(path.into()),
         _ => return Err(format!("abuse: expected [--server-bin PATH]\n{USAGE}")),
     };
-    let (flood, unlimited, reconnect) = abuse_runs(server_bin)?;
-    print!("{}", abuse::text(&flood, &reconnect));
-    print!("with CONTROL_PER_SECOND out of reach (the fan-out's turns alone): ");
-    print!(
-        "{}",
-        abuse::text(&unlimited, &reconnect)
-            .lines()
-            .next()
-            .unwrap_or("")
-    );
-    println!();
+    let (limited, unlimited, reconnect) = abuse_runs(server_bin)?;
+    print!("{}", abuse::text(&limited, &unlimited, &reconnect));
     Ok(())
 }
 

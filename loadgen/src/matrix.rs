@@ -555,15 +555,7 @@ fn render_abuse(out: &mut String, (limited, unlimited, reconnect): &AbuseRuns) {
         "| attack | bystander round trip alone, p50 / p90 / max | during the attack | attacker |"
     );
     let _ = writeln!(out, "|---|---|---|---|");
-    let ms = |p: &Option<crate::stats::Percentiles>| match p {
-        Some(p) => format!(
-            "{:.2} / {:.2} / {:.2} ms",
-            p.p50 as f64 / 1000.0,
-            p.p90 as f64 / 1000.0,
-            p.max as f64 / 1000.0
-        ),
-        None => "none".into(),
-    };
+    let ms = crate::abuse::round_trips_ms;
     for (name, flood) in [
         ("ping flood, default limits", limited),
         (
