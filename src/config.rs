@@ -145,6 +145,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "4",
         "pull requests kept open at once on this instance's subscription (1 to 16)",
     ),
+    (
+        "PUBSUB_PUBLISH_TIMEOUT",
+        "600",
+        "seconds an alert may wait for Pub/Sub to take it (1 to 600); older ones are dropped as history",
+    ),
 ];
 
 /// The key file the original demo read, used when no variable names a key.
@@ -209,6 +214,8 @@ pub struct PubSubChoice {
     pub subscription: String,
     /// Pull requests kept open at once.
     pub outstanding_pulls: usize,
+    /// How long an alert may wait to be published before it is dropped.
+    pub publish_timeout: Duration,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -553,6 +560,13 @@ fn choose_broker(
         |n: &usize| (1..=16).contains(n),
         "expected a whole number from 1 to 16",
     )?;
+    // Not past the subscription's retention: an alert older than that would
+    // be dropped by Pub/Sub itself, unread.
+    let publish_timeout = var("PUBSUB_PUBLISH_TIMEOUT").parse_if(
+        600,
+        |n: &u64| (1..=600).contains(n),
+        "expected a whole number of seconds from 1 to 600",
+    )?;
     let settings = PubSubChoice {
         endpoint,
         account,
@@ -560,6 +574,7 @@ fn choose_broker(
         topic,
         subscription: subscription_id(instance_id),
         outstanding_pulls,
+        publish_timeout: Duration::from_secs(publish_timeout),
     };
     Ok(BrokerChoice::PubSub {
         settings: Box::new(settings),

@@ -268,6 +268,7 @@ impl Watchers {
             instance: self.settings.instance.clone(),
             region: self.settings.region.clone(),
             clients: clients as u64,
+            sent: wall_ms(),
         }
     }
 

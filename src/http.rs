@@ -396,9 +396,9 @@ fn handle_connection(
         ("/healthz", "GET" | "HEAD") => Response::text(200, "ok"),
         // Ready once alerts published here reach every instance: with
         // Pub/Sub, when the subscription exists and pulling has begun.
-        ("/readyz", "GET" | "HEAD") => match server.session.broker.is_ready() {
-            true => Response::text(200, "ready"),
-            false => Response::text(503, "not ready: subscribing to Pub/Sub"),
+        ("/readyz", "GET" | "HEAD") => match server.session.broker.readiness() {
+            Ok(()) => Response::text(200, "ready"),
+            Err(why) => Response::text_owned(503, format!("not ready: {why}\n")),
         },
         ("/ws", "GET") => return upgrade(stream, &head, already_read, server),
         ("/ws", _) => Response::text(405, "method not allowed\n").with_header("Allow", "GET"),
@@ -744,6 +744,14 @@ impl Response {
             headers: Vec::new(),
             body: Cow::Borrowed(body.as_bytes()),
             content_length: body.len(),
+        }
+    }
+
+    fn text_owned(status: u16, body: String) -> Response {
+        Response {
+            content_length: body.len(),
+            body: Cow::Owned(body.into_bytes()),
+            ..Response::text(status, "")
         }
     }
 

@@ -45,7 +45,7 @@ pub const PER_CLIENT_BYTES: u64 = if cfg!(debug_assertions) {
 /// Memory kept for the process itself rather than for clients: ~4 MB at
 /// start, the threads of up to [`EXTRA_CONNECTIONS`] page loads and
 /// handshakes (~10 MiB at [`PER_CLIENT_BYTES`] each), the recovery ring and
-/// queues.
+/// queues. The broker may keep more aside ([`Inputs::broker_reserve`]).
 pub const RESERVE_BYTES: u64 = 16 * MIB;
 
 /// Bounds of [`backlog_budget`].
@@ -158,6 +158,9 @@ pub struct Inputs {
     pub max_map_count: Option<u64>,
     /// [`PER_CLIENT_BYTES`] (a parameter so tests can use either build's).
     pub per_client: u64,
+    /// Memory the broker may use at the most, beyond [`RESERVE_BYTES`]
+    /// (Pub/Sub: the dedupe's alert ids).
+    pub broker_reserve: u64,
 }
 
 impl Inputs {
@@ -177,6 +180,7 @@ impl Inputs {
             max_map_count: read("/proc/sys/vm/max_map_count")
                 .and_then(|text| text.trim().parse().ok()),
             per_client: PER_CLIENT_BYTES,
+            broker_reserve: 0,
         }
     }
 }
@@ -191,7 +195,7 @@ pub struct Capacity {
     /// The memory the process may use, in bytes, and where that came from.
     pub memory: u64,
     pub memory_source: MemorySource,
-    /// [`RESERVE_BYTES`].
+    /// [`RESERVE_BYTES`] plus the broker's reserve.
     pub reserve: u64,
     /// [`backlog_budget`] of `memory`: what all send backlogs may hold.
     pub backlog_budget: u64,
@@ -205,16 +209,21 @@ pub struct Capacity {
     pub map_count_cap: Option<u64>,
 }
 
-/// Derives MAX_CONNECTIONS for this process on this machine (see
-/// [`Inputs::read`] and [`derive`]).
-pub fn capacity() -> Capacity {
-    derive(&Inputs::read())
+/// Derives MAX_CONNECTIONS for this process on this machine, keeping
+/// `broker_reserve` bytes aside for the broker (see [`Inputs::read`] and
+/// [`derive`]).
+pub fn capacity(broker_reserve: u64) -> Capacity {
+    derive(&Inputs {
+        broker_reserve,
+        ..Inputs::read()
+    })
 }
 
 /// The arithmetic of [`capacity`], on given inputs:
 ///
 /// - memory: the cgroup limit, never more than MemTotal;
-/// - minus [`RESERVE_BYTES`] and the [`backlog_budget`] of that memory,
+/// - minus [`RESERVE_BYTES`], the broker's reserve and the
+///   [`backlog_budget`] of that memory,
 ///   divided by the per-client cost ([`PER_CLIENT_BYTES`]);
 /// - capped by the open-file soft limit and by `vm.max_map_count` /
 ///   [`MAPPINGS_PER_THREAD`], each less the [`EXTRA_CONNECTIONS`] and the
@@ -229,7 +238,8 @@ pub fn derive(inputs: &Inputs) -> Capacity {
     };
     let backlog_budget = backlog_budget(memory);
     let per_client = inputs.per_client.max(1);
-    let by_memory = memory.saturating_sub(RESERVE_BYTES + backlog_budget) / per_client;
+    let reserve = RESERVE_BYTES + inputs.broker_reserve;
+    let by_memory = memory.saturating_sub(reserve + backlog_budget) / per_client;
     let others = EXTRA_CONNECTIONS + OWN_SHARE;
     let open_files_cap = inputs
         .open_files
@@ -247,7 +257,7 @@ pub fn derive(inputs: &Inputs) -> Capacity {
         max_connections: usize::try_from(bound).unwrap_or(usize::MAX),
         memory,
         memory_source,
-        reserve: RESERVE_BYTES,
+        reserve,
         backlog_budget,
         per_client,
         by_memory,
@@ -444,6 +454,7 @@ mod tests {
             open_files: Some(1_048_576),
             max_map_count: Some(65_530),
             per_client: RELEASE_PER_CLIENT_BYTES,
+            broker_reserve: 0,
         }
     }
 
@@ -539,6 +550,7 @@ mod tests {
             open_files: None,
             max_map_count: None,
             per_client: RELEASE_PER_CLIENT_BYTES,
+            broker_reserve: 0,
         };
         let c = derive(&nothing);
         assert_eq!(
@@ -558,6 +570,21 @@ mod tests {
             ..nothing
         };
         assert_eq!(derive(&only_cgroup).memory, 512 * MIB);
+    }
+
+    #[test]
+    fn the_brokers_reserve_comes_off_the_clients_share() {
+        let local = derive(&inputs(256 * MIB, None));
+        let pubsub = derive(&Inputs {
+            broker_reserve: 9 * MIB,
+            ..inputs(256 * MIB, None)
+        });
+        assert_eq!(pubsub.reserve, local.reserve + 9 * MIB);
+        assert_eq!(
+            pubsub.by_memory,
+            local.by_memory - (9 * MIB).div_ceil(RELEASE_PER_CLIENT_BYTES)
+        );
+        assert!(pubsub.to_string().contains("- 25 MiB reserve"), "{pubsub}");
     }
 
     #[test]
@@ -740,7 +767,7 @@ mod tests {
     fn reads_this_machine() {
         // Whatever the machine, the derivation ends with a usable bound and
         // a line that names it.
-        let c = capacity();
+        let c = capacity(0);
         assert!(c.max_connections >= 1);
         assert!(
             c.to_string()

@@ -77,7 +77,10 @@ fn run(config: Config) -> Result<(), String> {
     let listener = TcpListener::bind((config.host, config.port))
         .map_err(|err| format!("cannot listen on {}:{}: {err}", config.host, config.port))?;
     // What this machine holds, unless MAX_CONNECTIONS says otherwise.
-    let capacity = limits::capacity();
+    let capacity = limits::capacity(match &config.broker {
+        BrokerChoice::Local { .. } => 0,
+        BrokerChoice::PubSub { .. } => PubSubBroker::MEMORY_RESERVE,
+    });
     let max_connections = match config.max_connections {
         Some(n) => n,
         None => {
@@ -109,6 +112,7 @@ fn run(config: Config) -> Result<(), String> {
                 // Room for every client's whole burst at once: a storm is
                 // queued, never refused, while Pub/Sub answers.
                 queue_capacity: max_connections.saturating_mul(config.alert_burst as usize),
+                publish_timeout: settings.publish_timeout,
             };
             let broker = PubSubBroker::start(settings, deliveries_tx)
                 .map_err(|err| format!("cannot start the Pub/Sub threads: {err}"))?;

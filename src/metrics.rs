@@ -145,6 +145,33 @@ impl Refusal {
     }
 }
 
+/// Why alerts accepted from clients were never published (Pub/Sub only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unpublished {
+    /// Older than PUBSUB_PUBLISH_TIMEOUT: history, not news.
+    Expired,
+    /// Pub/Sub called the request invalid (INVALID_ARGUMENT): a bug here.
+    Invalid,
+    /// Still unpublished at the end of the shutdown's time.
+    Shutdown,
+}
+
+impl Unpublished {
+    const ALL: [Unpublished; 3] = [
+        Unpublished::Expired,
+        Unpublished::Invalid,
+        Unpublished::Shutdown,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Unpublished::Expired => "expired",
+            Unpublished::Invalid => "invalid",
+            Unpublished::Shutdown => "shutdown",
+        }
+    }
+}
+
 pub struct Metrics {
     pub connected_clients: Gauge,
     /// Connections refused, by [`Refusal`] (in `Refusal::ALL` order).
@@ -173,7 +200,15 @@ pub struct Metrics {
     pub rejected: [Counter; REJECTION_CODES.len()],
     pub slow_clients_dropped: Counter,
     pub publish_errors: Counter,
+    /// Alerts dropped unpublished, by [`Unpublished`] (in `Unpublished::ALL` order).
+    unpublished: [Counter; Unpublished::ALL.len()],
     pub pull_errors: Counter,
+    /// Second copies of an alert from Pub/Sub, dropped (`broker/dedupe.rs`).
+    pub duplicates_dropped: Counter,
+    /// Alert ids forgotten before the end of the dedupe window, for memory.
+    pub dedupe_forgotten_early: Counter,
+    /// Alert ids the dedupe remembers now.
+    pub dedupe_ids: Gauge,
     pub publish_duration: Histogram<{ SECONDS.len() }>,
     pub pull_duration: Histogram<{ SECONDS.len() }>,
 }
@@ -195,7 +230,11 @@ impl Metrics {
             rejected: [const { Counter::new() }; REJECTION_CODES.len()],
             slow_clients_dropped: Counter::new(),
             publish_errors: Counter::new(),
+            unpublished: [const { Counter::new() }; Unpublished::ALL.len()],
             pull_errors: Counter::new(),
+            duplicates_dropped: Counter::new(),
+            dedupe_forgotten_early: Counter::new(),
+            dedupe_ids: Gauge::new(),
             publish_duration: Histogram::new(SECONDS),
             pull_duration: Histogram::new(SECONDS),
         }
@@ -205,6 +244,13 @@ impl Metrics {
     pub fn refused(&self, why: Refusal) {
         if let Some(i) = Refusal::ALL.iter().position(|r| *r == why) {
             self.refusals[i].inc();
+        }
+    }
+
+    /// Counts `n` alerts dropped unpublished.
+    pub fn unpublished(&self, why: Unpublished, n: u64) {
+        if let Some(i) = Unpublished::ALL.iter().position(|u| *u == why) {
+            self.unpublished[i].add(n);
         }
     }
 
@@ -321,11 +367,43 @@ impl Metrics {
             "Failed publish calls to the broker (each retry counts).",
             self.publish_errors.get(),
         );
+        let _ = writeln!(
+            out,
+            "# HELP skywatch_alerts_unpublished_total Alerts accepted from clients but never \
+             published, by reason.\n\
+             # TYPE skywatch_alerts_unpublished_total counter"
+        );
+        for (why, count) in Unpublished::ALL.iter().zip(&self.unpublished) {
+            let _ = writeln!(
+                out,
+                "skywatch_alerts_unpublished_total{{reason=\"{}\"}} {}",
+                why.label(),
+                count.get()
+            );
+        }
         counter(
             &mut out,
             "skywatch_pull_errors_total",
             "Failed pull calls to the broker (each retry counts).",
             self.pull_errors.get(),
+        );
+        counter(
+            &mut out,
+            "skywatch_duplicate_alerts_dropped_total",
+            "Second copies of an alert delivered by Pub/Sub (a redelivery or a retried publish), dropped.",
+            self.duplicates_dropped.get(),
+        );
+        counter(
+            &mut out,
+            "skywatch_dedupe_forgotten_early_total",
+            "Alert ids forgotten before the end of the dedupe window because its memory was full.",
+            self.dedupe_forgotten_early.get(),
+        );
+        gauge(
+            &mut out,
+            "skywatch_dedupe_ids",
+            "Alert ids remembered to drop second copies.",
+            self.dedupe_ids.get(),
         );
         histogram(
             &mut out,

@@ -21,6 +21,10 @@ pub struct Heartbeat {
     #[serde(rename = "regionCode")]
     pub region: String,
     pub clients: u64,
+    /// When the sender made it, in ms since the epoch by the sender's clock
+    /// (0 from instances older than this field: always taken).
+    #[serde(default)]
+    pub sent: u64,
 }
 
 /// Instances missing this many heartbeats in a row are forgotten.
@@ -29,6 +33,8 @@ const MISSED_BEATS: u32 = 3;
 struct Peer {
     region: String,
     clients: u64,
+    /// The `sent` of the heartbeat these counts came from.
+    sent: u64,
     seen: Instant,
 }
 
@@ -53,12 +59,24 @@ impl Presence {
     }
 
     /// Takes in a heartbeat (this instance's own included).
+    ///
+    /// Pub/Sub may deliver a heartbeat twice (a redelivery), or late, after a
+    /// newer one from the same instance. One older than the last taken from
+    /// its instance is dropped, so it cannot put an old count back. A copy
+    /// of the last one changes nothing but when the instance was last heard
+    /// of: at worst a stopped instance is shown three intervals longer.
     pub fn record(&mut self, beat: Heartbeat, now: Instant) {
+        if let Some(peer) = self.peers.get(&beat.instance)
+            && beat.sent < peer.sent
+        {
+            return;
+        }
         if let Some(peer) = self.peers.get_mut(&beat.instance)
             && peer.region == beat.region
             && peer.clients == beat.clients
         {
             peer.seen = now;
+            peer.sent = beat.sent;
             return;
         }
         self.changed = true;
@@ -67,6 +85,7 @@ impl Presence {
             Peer {
                 region: beat.region,
                 clients: beat.clients,
+                sent: beat.sent,
                 seen: now,
             },
         );
@@ -135,6 +154,7 @@ mod tests {
             instance: instance.into(),
             region: region.into(),
             clients,
+            sent: 0,
         }
     }
 
@@ -161,6 +181,27 @@ mod tests {
         let mut p = Presence::new(INTERVAL);
         p.record(beat("a", "ams", 12), now);
         p.record(beat("a", "ams", 2), now);
+        assert_eq!(parsed(&p.message())["total"], 2);
+    }
+
+    #[test]
+    fn a_late_copy_of_an_older_heartbeat_cannot_put_its_count_back() {
+        let now = Instant::now();
+        let mut p = Presence::new(INTERVAL);
+        let older = Heartbeat {
+            sent: 1_000,
+            ..beat("a", "ams", 12)
+        };
+        let newer = Heartbeat {
+            sent: 2_000,
+            ..beat("a", "ams", 2)
+        };
+        p.record(older.clone(), now);
+        p.record(newer.clone(), now);
+        p.record(older, now + INTERVAL);
+        assert_eq!(parsed(&p.message())["total"], 2);
+        // A copy of the last one is taken (it is the same statement).
+        p.record(newer, now + INTERVAL);
         assert_eq!(parsed(&p.message())["total"], 2);
     }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use pubsub_test_server::{
-    Auth, Options, PubSubTestServer, RequestRecord, TestKey, generate_test_key,
+    Auth, Options, PubSubTestServer, Refusal, RequestRecord, TestKey, generate_test_key,
     service_account_json,
 };
 use serde_json::{Value, json};
@@ -1308,4 +1308,220 @@ fn a_role_that_cannot_create_topics_uses_the_existing_one() {
     let mut c = server.client();
     c.send_alert(72);
     expect_alert(&mut c, DELIVERY_TIMEOUT, 72, "ams", "abab0002");
+}
+
+// ---------------------------------------------------------------------------
+// What only the real service would show (issue 13): Google's error statuses,
+// a publish stored twice
+// ---------------------------------------------------------------------------
+
+/// Bound for a publish refused by a status that needs a person (retried
+/// slowly: at most 30 s apart) to go through once the refusal is lifted.
+const SLOW_RETRY_BOUND: Duration = Duration::from_secs(35);
+
+fn is_publish(r: &RequestRecord) -> bool {
+    r.path.ends_with(":publish")
+}
+
+/// Two instances on one test server, subscribed, with a client each.
+fn two_instances(
+    ts: &PubSubTestServer,
+    a: (&str, &[(&str, &str)]),
+    b: &str,
+) -> (Server, Client, Server, Client) {
+    let mut env = emulator_env(ts, a.0, "ams");
+    env.extend(a.1.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let first = Server::start_owned(&env);
+    let second = start_emulated(ts, b, "syd");
+    wait_subscribed(ts, &first, &subscription(a.0));
+    wait_subscribed(ts, &second, &subscription(b));
+    let (ca, cb) = (first.client(), second.client());
+    (first, ca, second, cb)
+}
+
+#[test]
+fn a_publish_stored_twice_reaches_every_client_once() {
+    let ts = test_server(Options::default());
+    let (a, mut ca, b, mut cb) = two_instances(&ts, ("dupe0001", &[]), "dupe0002");
+    // The first publish is stored, but its answer is lost: the publisher
+    // retries, and Pub/Sub stores the alert a second time.
+    ts.lose_next_publish_answers(1);
+    ca.send_alert(81);
+    let id = expect_alert(&mut ca, DELIVERY_TIMEOUT, 81, "ams", "dupe0001");
+    assert_eq!(
+        expect_alert(&mut cb, DELIVERY_TIMEOUT, 81, "ams", "dupe0001"),
+        id
+    );
+    // Both copies were stored, under one alert id, and both instances have
+    // pulled and acknowledged both.
+    let (sub_a, sub_b) = (subscription("dupe0001"), subscription("dupe0002"));
+    let settled = ts.wait_for(DELIVERY_TIMEOUT, |s| {
+        s.published(TOPIC).len() == 2 && s.unacked(&sub_a) == 0 && s.unacked(&sub_b) == 0
+    });
+    assert!(
+        settled,
+        "the retried publish was not stored twice and pulled: {:#?}\n{}",
+        ts.requests(),
+        a.logs()
+    );
+    let copies = published_json(&ts, TOPIC);
+    assert!(
+        copies.iter().all(|m| m["id"] == id.as_str()),
+        "two copies of one alert expected: {copies:?}"
+    );
+    // The second copy reached no client: the next message is the next alert.
+    cb.send_alert(82);
+    expect_alert(&mut ca, DELIVERY_TIMEOUT, 82, "syd", "dupe0002");
+    expect_alert(&mut cb, DELIVERY_TIMEOUT, 82, "syd", "dupe0002");
+    for server in [&a, &b] {
+        assert_eq!(server.metric("skywatch_duplicate_alerts_dropped_total"), 1);
+    }
+}
+
+/// A publish refused for a reason only a person can fix: the alert is kept
+/// (not dropped as "malformed"), the log and /readyz name Google's status and
+/// message, and once the refusal is lifted the alert reaches everyone.
+fn check_refusal_keeps_the_alert(refusal: Refusal, a_id: &str, b_id: &str) {
+    let ts = test_server(Options::default());
+    let (a, mut ca, _b, mut cb) = two_instances(&ts, (a_id, &[]), b_id);
+    ts.refuse_publishes(Some(refusal));
+    ca.send_alert(91);
+    assert!(!ca.next_accepted().is_empty(), "the alert was not accepted");
+    let refused = ts.wait_for(DELIVERY_TIMEOUT, |s| {
+        count(s, |r| is_publish(r) && r.status == refusal.code) >= 1
+    });
+    assert!(refused, "no refused publish: {:#?}", ts.requests());
+    assert!(
+        a.wait_for_log(refusal.message, DELIVERY_TIMEOUT),
+        "the log does not give Google's message:\n{}",
+        a.logs()
+    );
+    let logs = a.logs();
+    assert!(logs.contains(refusal.status), "{logs}");
+    assert!(!logs.contains("malformed"), "{logs}");
+    let ready = get(a.addr, "/readyz");
+    assert_eq!(ready.status, 503, "ready while every publish is refused");
+    let why = ready.body_text();
+    assert!(
+        why.contains("publishing fails")
+            && why.contains(refusal.status)
+            && why.contains(refusal.message),
+        "/readyz does not say why: {why:?}"
+    );
+
+    ts.refuse_publishes(None);
+    expect_alert(&mut cb, SLOW_RETRY_BOUND, 91, "ams", a_id);
+    expect_alert(&mut ca, DELIVERY_TIMEOUT, 91, "ams", a_id);
+    a.wait_ready(DELIVERY_TIMEOUT);
+    assert_eq!(
+        a.metric("skywatch_alerts_unpublished_total{reason=\"expired\"}"),
+        0
+    );
+}
+
+#[test]
+fn a_project_without_billing_keeps_alerts_and_readyz_says_why() {
+    check_refusal_keeps_the_alert(Refusal::BILLING_DISABLED, "bill0001", "bill0002");
+}
+
+#[test]
+fn a_role_that_cannot_publish_keeps_alerts_and_readyz_says_why() {
+    check_refusal_keeps_the_alert(Refusal::PERMISSION_DENIED, "perm0001", "perm0002");
+}
+
+#[test]
+fn alerts_older_than_the_publish_timeout_are_dropped_with_a_log_line_and_a_metric() {
+    let ts = test_server(Options::default());
+    let (a, mut ca, _b, mut cb) = two_instances(
+        &ts,
+        ("aged0001", &[("PUBSUB_PUBLISH_TIMEOUT", "1")]),
+        "aged0002",
+    );
+    ts.refuse_publishes(Some(Refusal::BILLING_DISABLED));
+    ca.send_alert(95);
+    assert!(
+        a.wait_for_log(
+            "dropped 1 alerts still unpublished after 1 s",
+            SLOW_RETRY_BOUND
+        ),
+        "{}",
+        a.logs()
+    );
+    assert_eq!(
+        a.metric("skywatch_alerts_unpublished_total{reason=\"expired\"}"),
+        1
+    );
+    ts.refuse_publishes(None);
+    ca.send_alert(96);
+    // The next alert gets through; the expired one never does.
+    expect_alert(&mut cb, SLOW_RETRY_BOUND, 96, "ams", "aged0001");
+    expect_alert(&mut ca, DELIVERY_TIMEOUT, 96, "ams", "aged0001");
+    let stamps: Vec<Value> = published_json(&ts, TOPIC)
+        .iter()
+        .map(|m| m["timestamp"].clone())
+        .collect();
+    assert_eq!(stamps, vec![json!(96)]);
+}
+
+#[test]
+fn a_publish_google_calls_invalid_is_dropped_and_said_so() {
+    let ts = test_server(Options::default());
+    let (a, mut ca, _b, mut cb) = two_instances(&ts, ("inva0001", &[]), "inva0002");
+    ts.refuse_publishes(Some(Refusal::INVALID_ARGUMENT));
+    ca.send_alert(97);
+    assert!(
+        a.wait_for_log(
+            "refused a publish as invalid, dropping 1 alerts",
+            DELIVERY_TIMEOUT
+        ),
+        "{}",
+        a.logs()
+    );
+    assert_eq!(
+        a.metric("skywatch_alerts_unpublished_total{reason=\"invalid\"}"),
+        1
+    );
+    // Dropped once, not retried: one refused publish.
+    assert_eq!(count(&ts, |r| is_publish(r) && r.status == 400), 1);
+    ts.refuse_publishes(None);
+    ca.send_alert(98);
+    expect_alert(&mut cb, DELIVERY_TIMEOUT, 98, "ams", "inva0001");
+}
+
+#[test]
+fn a_refused_setup_is_named_by_readyz_and_retried() {
+    let ts = test_server(Options::default());
+    // Every call is refused for a while, as for a service account without
+    // the role yet.
+    ts.fail_for(Duration::from_secs(3), 403);
+    let server = start_emulated(&ts, "setu0001", "ams");
+    assert!(
+        ts.wait_for(DELIVERY_TIMEOUT, |s| count(s, |r| r.method == "PUT"
+            && r.status == 403)
+            >= 1),
+        "{:#?}",
+        ts.requests()
+    );
+    // /readyz knows before the log line is written.
+    assert!(server.wait_for_log("needs a fix in Google Cloud", DELIVERY_TIMEOUT));
+    let ready = get(server.addr, "/readyz");
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready
+            .body_text()
+            .contains("cannot set up the subscription: 403 PERMISSION_DENIED"),
+        "/readyz does not say why: {:?}",
+        ready.body_text()
+    );
+    // Retried slowly, as a refusal is, until the outage ends.
+    let sub = subscription("setu0001");
+    assert!(
+        ts.wait_for(SLOW_RETRY_BOUND, |s| s.subscriptions().contains(&sub)),
+        "{}",
+        server.logs()
+    );
+    server.wait_ready(DELIVERY_TIMEOUT);
+    let mut c = server.client();
+    c.send_alert(99);
+    expect_alert(&mut c, DELIVERY_TIMEOUT, 99, "ams", "setu0001");
 }

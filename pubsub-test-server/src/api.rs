@@ -118,6 +118,23 @@ impl ApiError {
         None
     }
 
+    fn refused(refusal: crate::Refusal) -> ApiError {
+        ApiError {
+            status: Some(refusal.status),
+            ..ApiError::new(refusal.code, refusal.message.into())
+        }
+    }
+
+    /// A publish stored, whose answer the client never gets.
+    fn answer_lost() -> ApiError {
+        ApiError::new(
+            503,
+            "The service is currently unavailable (pubsub-test-server lose_next_publish_answers: \
+             the messages were stored)."
+                .into(),
+        )
+    }
+
     pub(crate) fn invalid(message: String) -> ApiError {
         ApiError::new(400, message)
     }
@@ -845,6 +862,9 @@ fn publish(shared: &Shared, topic: &str, body: &[u8]) -> Result<Reply, ApiError>
         .collect::<Result<Vec<_>, _>>()?;
 
     let mut state = shared.lock();
+    if let Some(refusal) = state.publish_refusal {
+        return Err(ApiError::refused(refusal));
+    }
     if !state.topics.contains_key(topic) {
         return Err(ApiError::not_found(short(topic)));
     }
@@ -852,7 +872,14 @@ fn publish(shared: &Shared, topic: &str, body: &[u8]) -> Result<Reply, ApiError>
         .into_iter()
         .map(|m| state.publish(topic, m.data, m.data_b64, m.attributes, m.ordering_key))
         .collect();
+    let lost = state.lose_publish_answers > 0;
+    if lost {
+        state.lose_publish_answers -= 1;
+    }
     shared.notify(&mut state);
+    if lost {
+        return Err(ApiError::answer_lost());
+    }
     Ok(Reply::json(200, json!({ "messageIds": ids })))
 }
 

@@ -199,6 +199,37 @@ impl Shared {
 }
 
 /// A running Pub/Sub REST test server on a loopback port. Dropping it stops it.
+/// An error for [`PubSubTestServer::refuse_publishes`] to answer with:
+/// Google's HTTP code and `status`, and a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub code: u16,
+    pub status: &'static str,
+    pub message: &'static str,
+}
+
+impl Refusal {
+    /// What a project without billing gets (code and status per Google's
+    /// error table; the wording is a stand-in, not Google's).
+    pub const BILLING_DISABLED: Refusal = Refusal {
+        code: 400,
+        status: "FAILED_PRECONDITION",
+        message: "Billing is disabled for this project (pubsub-test-server stand-in wording).",
+    };
+    /// What a role without `pubsub.topics.publish` gets.
+    pub const PERMISSION_DENIED: Refusal = Refusal {
+        code: 403,
+        status: "PERMISSION_DENIED",
+        message: "User not authorized to perform this action.",
+    };
+    /// A request the service can never take as it is.
+    pub const INVALID_ARGUMENT: Refusal = Refusal {
+        code: 400,
+        status: "INVALID_ARGUMENT",
+        message: "Invalid request (pubsub-test-server refuse_publishes).",
+    };
+}
+
 pub struct PubSubTestServer {
     shared: Arc<Shared>,
     http: Arc<tiny_http::Server>,
@@ -306,6 +337,25 @@ impl PubSubTestServer {
     pub fn deny_topic_creates(&self, on: bool) {
         let mut state = self.shared.lock();
         state.deny_topic_creates = on;
+        self.shared.notify(&mut state);
+    }
+
+    /// While `Some`, every publish is refused with `refusal` and stores
+    /// nothing, as a project the service will not serve answers (billing
+    /// disabled, a region forbidden by policy, a missing role); `None` lifts it.
+    pub fn refuse_publishes(&self, refusal: Option<Refusal>) {
+        let mut state = self.shared.lock();
+        state.publish_refusal = refusal;
+        self.shared.notify(&mut state);
+    }
+
+    /// The next `n` publishes are stored (their subscribers get the messages)
+    /// but answered `503 UNAVAILABLE`, as when the answer is lost on its way
+    /// back or arrives after the client's timeout: a client that retries
+    /// stores the same messages a second time, under new message ids.
+    pub fn lose_next_publish_answers(&self, n: usize) {
+        let mut state = self.shared.lock();
+        state.lose_publish_answers = n;
         self.shared.notify(&mut state);
     }
 

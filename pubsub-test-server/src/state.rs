@@ -241,6 +241,10 @@ pub(crate) struct State {
     pub(crate) abort_creates: usize,
     /// Topic creates answer 403, as for a role without pubsub.topics.create.
     pub(crate) deny_topic_creates: bool,
+    /// Every publish is refused with this, storing nothing (`refuse_publishes`).
+    pub(crate) publish_refusal: Option<crate::Refusal>,
+    /// Publishes still to be stored but answered 503, as when the answer is lost.
+    pub(crate) lose_publish_answers: usize,
     /// Every `/v1` call fails with `outage_status` until this instant (an outage).
     pub(crate) outage_until: Option<Instant>,
     pub(crate) outage_status: u16,
@@ -286,6 +290,8 @@ impl State {
             fail_status: 503,
             abort_creates: 0,
             deny_topic_creates: false,
+            publish_refusal: None,
+            lose_publish_answers: 0,
             outage_until: None,
             outage_status: 503,
             delay: Duration::ZERO,

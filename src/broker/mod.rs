@@ -6,6 +6,7 @@
 //! Two backends implement it: [`local`] (in-process, for one instance and for
 //! running with no cloud account) and [`pubsub`] (Google Cloud Pub/Sub).
 
+mod dedupe;
 pub mod local;
 pub mod pubsub;
 
@@ -34,9 +35,10 @@ pub trait Broker: Send + Sync {
     /// full queue is made good by the next.
     fn publish_presence(&self, beat: Heartbeat);
 
-    /// Whether alerts published now reach other instances (for /readyz).
-    fn is_ready(&self) -> bool {
-        true
+    /// Whether alerts published now reach other instances, and if not, why
+    /// (for /readyz).
+    fn readiness(&self) -> Result<(), String> {
+        Ok(())
     }
 
     /// Releases what the broker holds outside this process, within `deadline`.

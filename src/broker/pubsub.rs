@@ -7,9 +7,9 @@
 //!   retries with exponential backoff and jitter until Pub/Sub takes them;
 //! - several pullers (PUBSUB_OUTSTANDING_PULLS) keep that many
 //!   `subscriptions.pull` requests open at once, each asking for up to
-//!   [`MAX_PULL`] messages; each hands every new message to the fan-out once
-//!   (deduplicated by messageId, across all pullers) and acknowledges its
-//!   batch with one call. Several outstanding pulls is Google's advice for
+//!   [`MAX_PULL`] messages; each hands every new alert to the fan-out once
+//!   (deduplicated by the alert's own id, across all pullers: `dedupe.rs`)
+//!   and acknowledges its batch with one call. Several outstanding pulls is Google's advice for
 //!   low latency with unary pull: the service may hold a pull a while to
 //!   fill a batch, and with one pull everything behind it would wait. The
 //!   first puller to run creates the topic and this instance's subscription;
@@ -17,22 +17,32 @@
 //!
 //! This instance's own alerts come back through its subscription like
 //! everyone else's: one delivery path, so exactly-once to local clients is
-//! just the messageId dedupe, at the price of one Pub/Sub round trip.
+//! just the dedupe, at the price of one Pub/Sub round trip.
+//!
+//! A failed call is handled by what Google says went wrong (its `status`;
+//! see [`Failure`]): a passing fault is retried at once with backoff; a
+//! problem only a person can fix (billing, a region policy, a missing role)
+//! is logged as an error, retried slowly, and named by /readyz, while the
+//! alerts wait for at most PUBSUB_PUBLISH_TIMEOUT (600 s, the subscription's
+//! retention: older alerts are history, not news).
 //!
 //! Presence heartbeats share the topic, the queue and the threads; the
 //! message attribute `type` (`ALIEN_LANDING` or `PRESENCE`) tells them apart.
 
+use super::dedupe::{SeenAlerts, Sight};
 use super::{Broker, Delivery, PublishError};
 use crate::auth::TokenSource;
+use crate::log::{Throttle, suppressed};
 use crate::message::Alert;
 use crate::metrics::METRICS;
+use crate::metrics::Unpublished;
 use crate::presence::Heartbeat;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use crossbeam_channel::{Receiver, Sender, bounded, unbounded};
 use serde::Deserialize;
 use serde_json::{Value, json};
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
@@ -68,8 +78,15 @@ const IDLE_PULL_GAP: Duration = Duration::from_millis(100);
 /// How often an idle puller checks that its subscription is still attached
 /// to the topic (one GET per instance per interval).
 const SUBSCRIPTION_CHECK: Duration = Duration::from_secs(60);
-/// Message ids remembered for deduplication of redeliveries.
-const RECENT_IDS: usize = 10_000;
+/// How long Pub/Sub keeps a message no one acknowledged (the subscription's
+/// `messageRetentionDuration`, and the least Pub/Sub allows).
+pub const RETENTION: Duration = Duration::from_secs(600);
+/// Backoff after a failure that may pass by itself.
+const QUICK_RETRY: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(10));
+/// Backoff after a failure that waits for a person (Google's clients wait at
+/// most 60 s between tries): slow enough to cost nothing, fast enough to
+/// carry on soon after the fix.
+const SLOW_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(30));
 /// The `type` attribute of each kind of message on the topic.
 const ALERT_TYPE: &str = "ALIEN_LANDING";
 const PRESENCE_TYPE: &str = "PRESENCE";
@@ -87,6 +104,9 @@ pub struct PubSubSettings {
     pub outstanding_pulls: usize,
     /// Room in the publish queue (at least [`MIN_PUBLISH_QUEUE`]).
     pub queue_capacity: usize,
+    /// How long an alert may wait to be published before it is dropped as
+    /// history (PUBSUB_PUBLISH_TIMEOUT, at most [`RETENTION`]).
+    pub publish_timeout: Duration,
 }
 
 pub struct PubSubBroker {
@@ -95,14 +115,71 @@ pub struct PubSubBroker {
     stop: Sender<Instant>,
     publisher_done: Receiver<()>,
     pullers: Arc<Pullers>,
+    health: Arc<Health>,
+}
+
+/// Why this instance is not ready, for /readyz: the last failure of each
+/// kind of work, cleared by that work's next success.
+#[derive(Default)]
+struct Health {
+    problems: Mutex<Problems>,
+}
+
+#[derive(Default)]
+struct Problems {
+    setup: Option<String>,
+    publish: Option<String>,
+    pull: Option<String>,
+}
+
+#[derive(Clone, Copy)]
+enum Work {
+    Setup,
+    Publish,
+    Pull,
+}
+
+impl Health {
+    fn slot(problems: &mut Problems, work: Work) -> &mut Option<String> {
+        match work {
+            Work::Setup => &mut problems.setup,
+            Work::Publish => &mut problems.publish,
+            Work::Pull => &mut problems.pull,
+        }
+    }
+
+    fn failed(&self, work: Work, err: &ApiError) {
+        let what = match work {
+            Work::Setup => "cannot set up the subscription",
+            Work::Publish => "publishing fails",
+            Work::Pull => "pulling fails",
+        };
+        // Google's messages are a sentence or two; a proxy's page is cut.
+        let mut problem = format!("{what}: {err}");
+        if let Some((cut, _)) = problem.char_indices().nth(300) {
+            problem.truncate(cut);
+        }
+        *Health::slot(&mut lock(&self.problems), work) = Some(problem);
+    }
+
+    fn recovered(&self, work: Work) {
+        *Health::slot(&mut lock(&self.problems), work) = None;
+    }
+
+    fn problem(&self) -> Option<String> {
+        let problems = lock(&self.problems);
+        [&problems.setup, &problems.publish, &problems.pull]
+            .into_iter()
+            .find_map(|p| p.clone())
+    }
 }
 
 /// What the puller threads share with each other and with shutdown.
 struct Pullers {
     ready: AtomicBool,
     subscription: SubscriptionState,
-    /// Message ids recently handed to the fan-out, by any puller.
-    recent: Mutex<RecentIds>,
+    /// Alerts recently handed to the fan-out, by any puller.
+    seen: Mutex<SeenAlerts>,
     /// When the next pull may go after one that came back empty at once.
     next_idle_pull: Mutex<Instant>,
     /// When an idle puller last checked the subscription's topic.
@@ -111,8 +188,9 @@ struct Pullers {
 
 /// Whether this instance's subscription exists, and who is creating it. A
 /// mutex and a condition variable, so that one puller creates while the
-/// others wait, and a shutdown never races a create: it waits for one in
-/// progress, and none starts after it.
+/// others wait, retries after a failure are paced for all pullers together,
+/// and a shutdown never races a create: it waits for one in progress, and
+/// none starts after it.
 struct SubscriptionState {
     state: Mutex<Setup>,
     changed: Condvar,
@@ -122,6 +200,10 @@ struct Setup {
     subscribed: bool,
     in_progress: bool,
     stopping: bool,
+    /// After a failed create, no puller tries again before this.
+    retry_at: Option<Instant>,
+    quick: Backoff,
+    slow: Backoff,
     /// Dropped when the subscription first exists: lets the publisher start.
     first: Option<Sender<()>>,
 }
@@ -135,6 +217,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl PubSubBroker {
+    /// Memory this broker may use beyond the queues: the dedupe's alert ids.
+    pub const MEMORY_RESERVE: u64 = super::dedupe::MAX_BYTES;
+
     /// Starts the publisher and puller threads. Returns at once: the
     /// subscription is created by the puller, which retries until Pub/Sub
     /// answers; /readyz says when it has.
@@ -143,8 +228,10 @@ impl PubSubBroker {
         deliveries: Sender<Delivery>,
     ) -> std::io::Result<PubSubBroker> {
         let outstanding_pulls = settings.outstanding_pulls.max(1);
+        let publish_timeout = settings.publish_timeout.min(RETENTION);
         let (queue, queue_rx) = PublishQueue::new(settings.queue_capacity.max(MIN_PUBLISH_QUEUE));
         let queued = Arc::clone(&queue.queued);
+        let health = Arc::new(Health::default());
         let api = Arc::new(Api::new(settings));
         let (stop_tx, stop_rx) = bounded(1);
         let (done_tx, done_rx) = bounded(1);
@@ -157,20 +244,30 @@ impl PubSubBroker {
                     subscribed: false,
                     in_progress: false,
                     stopping: false,
+                    retry_at: None,
+                    quick: Backoff::new(QUICK_RETRY.0, Duration::from_secs(2)),
+                    slow: Backoff::new(SLOW_RETRY.0, SLOW_RETRY.1),
                     first: Some(subscribed_tx),
                 }),
                 changed: Condvar::new(),
             },
-            recent: Mutex::new(RecentIds::new(RECENT_IDS)),
+            seen: Mutex::new(SeenAlerts::new(publish_timeout, RETENTION)),
             next_idle_pull: Mutex::new(Instant::now()),
             last_check: Mutex::new(Instant::now()),
         });
         std::thread::Builder::new()
             .name("pubsub-publisher".into())
             .spawn({
-                let api = Arc::clone(&api);
+                let (api, health) = (Arc::clone(&api), Arc::clone(&health));
                 move || {
-                    publisher(&api, &queue_rx, &queued, &stop_rx, &subscribed_rx);
+                    let publisher = Publisher {
+                        api: &api,
+                        health: &health,
+                        stop: &stop_rx,
+                        deadline: None,
+                        publish_timeout,
+                    };
+                    publisher.run(&queue_rx, &queued, &subscribed_rx);
                     let _ = done_tx.send(());
                 }
             })?;
@@ -179,6 +276,7 @@ impl PubSubBroker {
                 .name(format!("pubsub-puller-{n}"))
                 .spawn({
                     let (api, pullers) = (Arc::clone(&api), Arc::clone(&pullers));
+                    let health = Arc::clone(&health);
                     let deliveries = deliveries.clone();
                     move || {
                         // Staggered starts spread the pulls out in time, and
@@ -187,7 +285,7 @@ impl PubSubBroker {
                         // same instant waiting (tiny_http's, which the test
                         // server runs on, does).
                         std::thread::sleep(PULLER_STAGGER * n as u32);
-                        puller(&api, &deliveries, &pullers)
+                        puller(&api, &deliveries, &pullers, &health)
                     }
                 })?;
         }
@@ -197,6 +295,7 @@ impl PubSubBroker {
             stop: stop_tx,
             publisher_done: done_rx,
             pullers,
+            health,
         })
     }
 }
@@ -214,8 +313,14 @@ impl Broker for PubSubBroker {
         let _ = self.queue.try_push(Delivery::Presence(beat));
     }
 
-    fn is_ready(&self) -> bool {
-        self.pullers.ready.load(Ordering::SeqCst)
+    fn readiness(&self) -> Result<(), String> {
+        if let Some(problem) = self.health.problem() {
+            return Err(problem);
+        }
+        if !self.pullers.ready.load(Ordering::SeqCst) {
+            return Err(format!("subscribing to {}", self.api.topic));
+        }
+        Ok(())
     }
 
     /// Publishes what is still queued (until shortly before `deadline`), then
@@ -245,15 +350,21 @@ impl Broker for PubSubBroker {
 /// channel, which allocates as it fills and frees as it drains: the room
 /// costs nothing until a storm uses it.
 struct PublishQueue {
-    sender: Sender<Delivery>,
+    sender: Sender<Queued>,
     /// Messages in the channel: added by `try_push`, taken off by the
     /// publisher as it forms each batch.
     queued: Arc<AtomicUsize>,
     capacity: usize,
 }
 
+/// A message waiting to be published, and when it was accepted.
+struct Queued {
+    accepted: Instant,
+    delivery: Delivery,
+}
+
 impl PublishQueue {
-    fn new(capacity: usize) -> (PublishQueue, Receiver<Delivery>) {
+    fn new(capacity: usize) -> (PublishQueue, Receiver<Queued>) {
         let (sender, receiver) = unbounded();
         let queue = PublishQueue {
             sender,
@@ -268,153 +379,227 @@ impl PublishQueue {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             return Err(PublishError::Unavailable);
         }
-        self.sender.send(delivery).map_err(|_| {
+        let queued = Queued {
+            accepted: Instant::now(),
+            delivery,
+        };
+        self.sender.send(queued).map_err(|_| {
             self.queued.fetch_sub(1, Ordering::AcqRel);
             PublishError::Unavailable
         })
     }
 }
 
-fn publisher(
-    api: &Api,
-    queue: &Receiver<Delivery>,
-    queued: &AtomicUsize,
-    stop: &Receiver<Instant>,
-    subscribed: &Receiver<()>,
-) {
-    let mut deadline: Option<Instant> = None;
-    // A message published before this instance's subscription exists never
-    // reaches this instance's clients: hold alerts (in the queue) until then.
-    crossbeam_channel::select! {
-        recv(subscribed) -> _ => {}
-        recv(stop) -> at => deadline = Some(at.unwrap_or_else(|_| Instant::now())),
-    }
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    loop {
-        if deadline.is_none() {
-            crossbeam_channel::select! {
-                recv(queue) -> alert => match alert {
-                    Ok(alert) => batch.push(alert),
-                    Err(_) => return,
-                },
-                recv(stop) -> at => deadline = Some(at.unwrap_or_else(|_| Instant::now())),
-            }
+/// The publisher thread: takes what is queued, in batches, and publishes
+/// each batch until Pub/Sub takes it.
+struct Publisher<'a> {
+    api: &'a Api,
+    health: &'a Health,
+    stop: &'a Receiver<Instant>,
+    /// Set when shutdown begins: publish what is queued until then.
+    deadline: Option<Instant>,
+    publish_timeout: Duration,
+}
+
+/// Lines the publisher repeats while a failure lasts: once per 10 s each.
+static PUBLISH_RETRIED: Throttle = Throttle::new();
+static PUBLISH_REFUSED: Throttle = Throttle::new();
+
+impl Publisher<'_> {
+    fn run(mut self, queue: &Receiver<Queued>, queued: &AtomicUsize, subscribed: &Receiver<()>) {
+        // A message published before this instance's subscription exists
+        // never reaches this instance's clients: hold alerts (in the queue)
+        // until then.
+        crossbeam_channel::select! {
+            recv(subscribed) -> _ => {}
+            recv(self.stop) -> at => self.deadline = Some(at.unwrap_or_else(|_| Instant::now())),
         }
-        if deadline.is_some() {
-            // Shutting down: take what is queued without waiting for more.
-            while batch.len() < MAX_BATCH {
-                match queue.try_recv() {
-                    Ok(alert) => batch.push(alert),
-                    Err(_) => break,
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            if self.deadline.is_none() {
+                crossbeam_channel::select! {
+                    recv(queue) -> queued => match queued {
+                        Ok(queued) => batch.push(queued),
+                        Err(_) => return,
+                    },
+                    recv(self.stop) -> at => self.deadline = Some(at.unwrap_or_else(|_| Instant::now())),
                 }
             }
+            if self.deadline.is_some() {
+                // Shutting down: take what is queued without waiting for more.
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(queued) => batch.push(queued),
+                        Err(_) => break,
+                    }
+                }
+                if batch.is_empty() {
+                    return;
+                }
+            } else {
+                let window = Instant::now() + BATCH_WINDOW;
+                while batch.len() < MAX_BATCH {
+                    match queue.recv_deadline(window) {
+                        Ok(queued) => batch.push(queued),
+                        Err(_) => break,
+                    }
+                }
+            }
+            queued.fetch_sub(batch.len(), Ordering::AcqRel);
+            self.publish_with_retry(&mut batch);
+            batch.clear();
+        }
+    }
+
+    /// Retries until Pub/Sub takes the batch, or its alerts are older than
+    /// the publish timeout, or the shutdown deadline comes. How it retries
+    /// depends on what failed ([`Failure`]). Gives up at once only on a
+    /// request Pub/Sub calls invalid (a bug here), and says so in the log.
+    fn publish_with_retry(&mut self, batch: &mut Vec<Queued>) {
+        let mut quick = Backoff::new(QUICK_RETRY.0, QUICK_RETRY.1);
+        let mut slow = Backoff::new(SLOW_RETRY.0, SLOW_RETRY.1);
+        let mut last_error: Option<ApiError> = None;
+        loop {
+            self.drop_expired(batch, last_error.as_ref());
             if batch.is_empty() {
                 return;
             }
-        } else {
-            let window = Instant::now() + BATCH_WINDOW;
-            while batch.len() < MAX_BATCH {
-                match queue.recv_deadline(window) {
-                    Ok(alert) => batch.push(alert),
-                    Err(_) => break,
+            let started = Instant::now();
+            let published = self.api.publish(batch);
+            METRICS.publish_duration.observe(started.elapsed());
+            let err = match published {
+                Ok(()) => {
+                    METRICS.alerts_published.add(alerts_in(batch));
+                    self.health.recovered(Work::Publish);
+                    if last_error.is_some() {
+                        crate::info!("publishing works again");
+                    }
+                    return;
+                }
+                Err(err) => err,
+            };
+            METRICS.publish_errors.inc();
+            self.health.failed(Work::Publish, &err);
+            // A heartbeat is not worth a retry: the next one, due within an
+            // interval, says the same with newer numbers.
+            batch.retain(|queued| matches!(queued.delivery, Delivery::Alert(_)));
+            let alerts = batch.len();
+            let failure = err.failure();
+            match failure {
+                Failure::Invalid => {
+                    METRICS.unpublished(Unpublished::Invalid, alerts as u64);
+                    crate::error!(
+                        "Pub/Sub refused a publish as invalid, dropping {alerts} alerts: {err}"
+                    );
+                    return;
+                }
+                Failure::NotFound => {
+                    // Someone deleted the topic. Recreate it, and reattach
+                    // this instance's subscription (Pub/Sub detaches
+                    // subscriptions of a deleted topic) before publishing
+                    // again, so this instance's clients get the alert. Other
+                    // instances reattach theirs within SUBSCRIPTION_CHECK;
+                    // alerts in between miss them.
+                    crate::warn!("topic {} is missing; creating it", self.api.topic);
+                    if let Err(err) = self
+                        .api
+                        .create_topic()
+                        .and_then(|()| self.api.reattach_subscription())
+                    {
+                        crate::warn!("cannot recreate topic {}: {err}", self.api.topic);
+                    }
+                }
+                Failure::Passing => {
+                    if let Some(held) = PUBLISH_RETRIED.allow() {
+                        crate::warn!(
+                            "publish of {alerts} alerts failed, will retry: {err}{}",
+                            suppressed(held)
+                        );
+                    }
+                }
+                Failure::NeedsPerson => {
+                    if let Some(held) = PUBLISH_REFUSED.allow() {
+                        crate::error!(
+                            "Pub/Sub refuses to publish: {err}; {NEEDS_A_PERSON}, keeping \
+                             {alerts} alerts for up to {} s{}",
+                            self.publish_timeout.as_secs(),
+                            suppressed(held)
+                        );
+                    }
                 }
             }
+            last_error = Some(err);
+            let pause = match failure {
+                Failure::NeedsPerson => slow.next(),
+                _ => quick.next(),
+            };
+            if let Some(at) = self.deadline {
+                if Instant::now() + pause >= at {
+                    METRICS.unpublished(Unpublished::Shutdown, alerts as u64);
+                    crate::error!(
+                        "shutting down with {alerts} alerts unpublished: {}",
+                        last_error
+                            .as_ref()
+                            .map_or(String::new(), ToString::to_string)
+                    );
+                    return;
+                }
+                std::thread::sleep(pause);
+            } else if let Ok(at) = self.stop.recv_timeout(pause) {
+                self.deadline = Some(at);
+            }
         }
-        queued.fetch_sub(batch.len(), Ordering::AcqRel);
-        publish_with_retry(api, &batch, stop, &mut deadline);
-        batch.clear();
+    }
+
+    /// Drops the messages accepted longer ago than the publish timeout: by
+    /// now the subscription would have dropped them anyway, and a landing
+    /// ten minutes old is history, not news.
+    fn drop_expired(&self, batch: &mut Vec<Queued>, last_error: Option<&ApiError>) {
+        let timeout = self.publish_timeout;
+        let before = alerts_in(batch);
+        batch.retain(|queued| queued.accepted.elapsed() < timeout);
+        let expired = before - alerts_in(batch);
+        if expired > 0 {
+            METRICS.unpublished(Unpublished::Expired, expired);
+            crate::error!(
+                "dropped {expired} alerts still unpublished after {} s (PUBSUB_PUBLISH_TIMEOUT); last error: {}",
+                timeout.as_secs(),
+                last_error.map_or_else(|| "none".to_string(), ToString::to_string)
+            );
+        }
     }
 }
 
-/// Retries until Pub/Sub takes the batch. Gives up only on a request Pub/Sub
-/// can never accept (a 400: a bug here) or past the shutdown deadline, and
-/// says so in the log either way.
-fn publish_with_retry(
-    api: &Api,
-    batch: &[Delivery],
-    stop: &Receiver<Instant>,
-    deadline: &mut Option<Instant>,
-) {
-    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
-    let alerts = batch
+fn alerts_in(batch: &[Queued]) -> u64 {
+    batch
         .iter()
-        .filter(|d| matches!(d, Delivery::Alert(_)))
-        .count() as u64;
-    loop {
-        let started = Instant::now();
-        let published = api.publish(batch);
-        METRICS.publish_duration.observe(started.elapsed());
-        let err = match published {
-            Ok(()) => {
-                METRICS.alerts_published.add(alerts);
-                return;
-            }
-            Err(err) => err,
-        };
-        METRICS.publish_errors.inc();
-        match err.status() {
-            Some(404) => {
-                // Someone deleted the topic. Recreate it, and reattach this
-                // instance's subscription (Pub/Sub detaches subscriptions of a
-                // deleted topic) before publishing again, so this instance's
-                // clients get the alert. Other instances reattach theirs within
-                // SUBSCRIPTION_CHECK; alerts in between miss them.
-                crate::warn!("topic {} is missing; creating it", api.topic);
-                if let Err(err) = api
-                    .create_topic()
-                    .and_then(|()| api.reattach_subscription())
-                {
-                    crate::warn!("cannot recreate topic {}: {err}", api.topic);
-                }
-            }
-            Some(400) => {
-                crate::error!(
-                    "Pub/Sub refused {} messages as malformed, dropping them: {err}",
-                    batch.len()
-                );
-                return;
-            }
-            _ => crate::warn!(
-                "publish of {} messages failed, will retry: {err}",
-                batch.len()
-            ),
-        }
-        let pause = backoff.next();
-        if let Some(at) = *deadline {
-            if Instant::now() + pause >= at {
-                crate::error!(
-                    "shutting down with {} messages unpublished: {err}",
-                    batch.len()
-                );
-                return;
-            }
-            std::thread::sleep(pause);
-        } else if let Ok(at) = stop.recv_timeout(pause) {
-            *deadline = Some(at);
-        }
-    }
+        .filter(|queued| matches!(queued.delivery, Delivery::Alert(_)))
+        .count() as u64
 }
 
 /// One of the puller threads: makes sure the subscription exists, then
 /// pulls, hands new messages to the fan-out, and acknowledges them, until
 /// shutdown.
-fn puller(api: &Api, deliveries: &Sender<Delivery>, pullers: &Pullers) {
-    let mut errors = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+fn puller(api: &Api, deliveries: &Sender<Delivery>, pullers: &Pullers, health: &Health) {
+    let mut quick = Backoff::new(QUICK_RETRY.0, Duration::from_secs(2));
+    let mut slow = Backoff::new(SLOW_RETRY.0, SLOW_RETRY.1);
     loop {
-        match pullers.subscription.ensure(api) {
-            Subscribed::Yes => errors.reset(),
-            Subscribed::NotYet => {
-                std::thread::sleep(errors.next());
-                continue;
-            }
+        match pullers.subscription.ensure(api, health) {
+            Subscribed::Yes => {}
+            Subscribed::NotYet => continue,
             Subscribed::Stopping => return,
         }
         pullers.ready.store(true, Ordering::SeqCst);
         let started = Instant::now();
         let pulled = api.pull();
         METRICS.pull_duration.observe(started.elapsed());
-        if pulled.is_err() {
-            METRICS.pull_errors.inc();
+        match &pulled {
+            Ok(_) => health.recovered(Work::Pull),
+            Err(_) if pullers.subscription.is_stopping() => {}
+            Err(err) => {
+                METRICS.pull_errors.inc();
+                health.failed(Work::Pull, err);
+            }
         }
         match pulled {
             Ok(received) if received.is_empty() => {
@@ -430,19 +615,10 @@ fn puller(api: &Api, deliveries: &Sender<Delivery>, pullers: &Pullers) {
                 }
             }
             Ok(received) => {
-                errors.reset();
+                quick.reset();
+                slow.reset();
                 let ack_ids: Vec<String> = received.iter().map(|m| m.ack_id.clone()).collect();
-                // Dedupe under one lock for the whole batch: a redelivered
-                // message may reach two pullers at once, and only one may
-                // hand it on.
-                let fresh: Vec<Delivery> = {
-                    let mut recent = lock(&pullers.recent);
-                    received
-                        .into_iter()
-                        .filter(|message| recent.insert(&message.message_id))
-                        .filter_map(|message| message.delivery)
-                        .collect()
-                };
+                let fresh = pullers.first_copies(received);
                 for delivery in fresh {
                     if deliveries.send(delivery).is_err() {
                         return; // the fan-out has stopped: shutting down
@@ -454,20 +630,75 @@ fn puller(api: &Api, deliveries: &Sender<Delivery>, pullers: &Pullers) {
                 }
             }
             Err(_) if pullers.subscription.is_stopping() => return,
-            Err(err) if err.status() == Some(404) => {
-                pullers.ready.store(false, Ordering::SeqCst);
-                crate::warn!("subscription {} is gone; recreating it", api.subscription);
-                pullers.subscription.lost();
-            }
-            Err(err) => {
-                crate::warn!("pull failed: {err}");
-                std::thread::sleep(errors.next());
-            }
+            Err(err) => match err.failure() {
+                Failure::NotFound => {
+                    pullers.ready.store(false, Ordering::SeqCst);
+                    crate::warn!("subscription {} is gone; recreating it", api.subscription);
+                    pullers.subscription.lost();
+                }
+                Failure::NeedsPerson => {
+                    if let Some(held) = PULL_REFUSED.allow() {
+                        crate::error!(
+                            "Pub/Sub refuses to let this instance pull: {err}; {NEEDS_A_PERSON}{}",
+                            suppressed(held)
+                        );
+                    }
+                    std::thread::sleep(slow.next());
+                }
+                Failure::Passing | Failure::Invalid => {
+                    if let Some(held) = PULL_FAILED.allow() {
+                        crate::warn!("pull failed, will retry: {err}{}", suppressed(held));
+                    }
+                    std::thread::sleep(quick.next());
+                }
+            },
         }
     }
 }
 
+/// The end of every log line about a failure only a person can fix.
+const NEEDS_A_PERSON: &str =
+    "this needs a fix in Google Cloud (README: Troubleshooting); retrying slowly";
+
+static PULL_FAILED: Throttle = Throttle::new();
+static PULL_REFUSED: Throttle = Throttle::new();
+static DEDUPE_FULL: Throttle = Throttle::new();
+
 impl Pullers {
+    /// The alerts and heartbeats of a pulled batch that no puller handed on
+    /// before. Alerts are checked under one lock for the whole batch: a
+    /// redelivered message may reach two pullers at once, and only one may
+    /// hand it on. Heartbeats pass: presence drops stale ones itself.
+    fn first_copies(&self, received: Vec<Received>) -> Vec<Delivery> {
+        let now = Instant::now();
+        let mut seen = lock(&self.seen);
+        let mut fresh = Vec::with_capacity(received.len());
+        for delivery in received.into_iter().filter_map(|m| m.delivery) {
+            if let Delivery::Alert(alert) = &delivery {
+                let (sight, forgotten) = seen.first_sight(&alert.id, now);
+                if forgotten > 0 {
+                    METRICS.dedupe_forgotten_early.add(forgotten as u64);
+                    if let Some(held) = DEDUPE_FULL.allow() {
+                        crate::warn!(
+                            "the dedupe's memory is full ({} alert ids): forgetting the oldest \
+                             before the end of its {} s window{}",
+                            seen.len(),
+                            seen.window().as_secs(),
+                            suppressed(held)
+                        );
+                    }
+                }
+                if sight == Sight::Again {
+                    METRICS.duplicates_dropped.inc();
+                    continue;
+                }
+            }
+            fresh.push(delivery);
+        }
+        METRICS.dedupe_ids.set(seen.len() as i64);
+        fresh
+    }
+
     /// Waits for this puller's turn after a pull that came back empty at
     /// once: turns are [`IDLE_PULL_GAP`] apart, whatever the number of
     /// pullers.
@@ -496,7 +727,8 @@ impl Pullers {
 
 enum Subscribed {
     Yes,
-    /// Creating it failed (logged): back off and try again.
+    /// Creating it failed (logged, and shown by /readyz); the next `ensure`
+    /// waits until it is time to try again.
     NotYet,
     Stopping,
 }
@@ -504,7 +736,7 @@ enum Subscribed {
 impl SubscriptionState {
     /// Makes sure the topic and this instance's subscription exist: one
     /// puller creates them while the others wait for it.
-    fn ensure(&self, api: &Api) -> Subscribed {
+    fn ensure(&self, api: &Api, health: &Health) -> Subscribed {
         let mut state = lock(&self.state);
         loop {
             if state.stopping {
@@ -513,13 +745,23 @@ impl SubscriptionState {
             if state.subscribed {
                 return Subscribed::Yes;
             }
-            if !state.in_progress {
-                break;
-            }
-            state = self
-                .changed
-                .wait(state)
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let wait = match state.retry_at {
+                _ if state.in_progress => None,
+                Some(at) if at > Instant::now() => Some(at - Instant::now()),
+                _ => break,
+            };
+            state = match wait {
+                None => self
+                    .changed
+                    .wait(state)
+                    .unwrap_or_else(|poisoned| poisoned.into_inner()),
+                Some(pause) => {
+                    self.changed
+                        .wait_timeout(state, pause)
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .0
+                }
+            };
         }
         state.in_progress = true;
         drop(state);
@@ -533,12 +775,27 @@ impl SubscriptionState {
         match created {
             Ok(()) => {
                 crate::info!("subscribed to {} as {}", api.topic, api.subscription);
+                health.recovered(Work::Setup);
                 state.subscribed = true;
+                state.retry_at = None;
+                state.quick.reset();
+                state.slow.reset();
                 drop(state.first.take()); // lets the publisher start
                 Subscribed::Yes
             }
             Err(err) => {
-                crate::warn!("cannot set up subscription {}: {err}", api.subscription);
+                health.failed(Work::Setup, &err);
+                let pause = if err.failure() == Failure::NeedsPerson {
+                    crate::error!(
+                        "cannot set up subscription {}: {err}; {NEEDS_A_PERSON}",
+                        api.subscription
+                    );
+                    state.slow.next()
+                } else {
+                    crate::warn!("cannot set up subscription {}: {err}", api.subscription);
+                    state.quick.next()
+                };
+                state.retry_at = Some(Instant::now() + pause);
                 Subscribed::NotYet
             }
         }
@@ -575,7 +832,6 @@ impl SubscriptionState {
 /// A pulled message, decoded.
 struct Received {
     ack_id: String,
-    message_id: String,
     /// None when the data is neither an alert nor a heartbeat (logged,
     /// acknowledged, dropped).
     delivery: Option<Delivery>,
@@ -596,7 +852,58 @@ pub enum ApiError {
     Auth(String),
 }
 
+/// What a failed call means, and so what to do about it, by Google's
+/// `status` (or, when an answer has none, such as a proxy's error page, by
+/// its HTTP code).
+///
+/// Google's own Pub/Sub clients retry a publish on ABORTED, CANCELLED,
+/// DEADLINE_EXCEEDED, INTERNAL, RESOURCE_EXHAUSTED, UNAVAILABLE and UNKNOWN
+/// (google-cloud-pubsub 2.44.0 on PyPI, `publisher/transports/base.py`), and
+/// on nothing else. The HTTP codes are Google's mapping
+/// (googleapis-common-protos, `google/rpc/code.proto`): 400 is
+/// INVALID_ARGUMENT, FAILED_PRECONDITION or OUT_OF_RANGE, and 409 is
+/// ALREADY_EXISTS or ABORTED, so the code alone does not say which.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// May pass by itself: retried soon, with backoff. Also a call that got
+    /// no answer at all (the network, a timeout).
+    Passing,
+    /// Waits for a person: FAILED_PRECONDITION (billing not enabled, a
+    /// resource-location policy that forbids the region), PERMISSION_DENIED
+    /// and UNAUTHENTICATED (a role or a key), no access token, and any status
+    /// not named here. Logged as an error, retried slowly, shown in /readyz;
+    /// alerts wait for the fix up to PUBSUB_PUBLISH_TIMEOUT.
+    NeedsPerson,
+    /// NOT_FOUND: the topic or subscription is missing; recreate it.
+    NotFound,
+    /// INVALID_ARGUMENT or OUT_OF_RANGE: Pub/Sub will never take this request
+    /// as it is (a bug here). Retrying would only repeat it.
+    Invalid,
+}
+
 impl ApiError {
+    fn failure(&self) -> Failure {
+        let (code, status) = match self {
+            ApiError::Transport(_) => return Failure::Passing,
+            // The token endpoint refused (a revoked key, a disabled account)
+            // or could not be reached; either way a person should look.
+            ApiError::Auth(_) => return Failure::NeedsPerson,
+            ApiError::Status { code, status, .. } => (*code, status.as_str()),
+        };
+        match status {
+            "ABORTED" | "CANCELLED" | "DEADLINE_EXCEEDED" | "INTERNAL" | "RESOURCE_EXHAUSTED"
+            | "UNAVAILABLE" | "UNKNOWN" => Failure::Passing,
+            "NOT_FOUND" => Failure::NotFound,
+            "INVALID_ARGUMENT" | "OUT_OF_RANGE" => Failure::Invalid,
+            "" => match code {
+                404 => Failure::NotFound,
+                408 | 429 | 499 | 500..=599 => Failure::Passing,
+                _ => Failure::NeedsPerson,
+            },
+            _ => Failure::NeedsPerson,
+        }
+    }
+
     fn status(&self) -> Option<u16> {
         match self {
             ApiError::Status { code, .. } => Some(*code),
@@ -682,7 +989,7 @@ impl Api {
             // Messages are acknowledged within milliseconds of a pull.
             "ackDeadlineSeconds": 10,
             // An alert older than this is history, not news.
-            "messageRetentionDuration": "600s",
+            "messageRetentionDuration": format!("{}s", RETENTION.as_secs()),
             // The minimum: a crashed instance's subscription goes away after a
             // day unused instead of the default 31.
             "expirationPolicy": { "ttl": "86400s" },
@@ -721,11 +1028,11 @@ impl Api {
             .map(drop)
     }
 
-    fn publish(&self, batch: &[Delivery]) -> Result<(), ApiError> {
+    fn publish(&self, batch: &[Queued]) -> Result<(), ApiError> {
         let messages: Vec<Value> = batch
             .iter()
-            .map(|delivery| {
-                let (data, kind) = match delivery {
+            .map(|queued| {
+                let (data, kind) = match &queued.delivery {
                     Delivery::Alert(alert) => (serde_json::to_vec(alert), ALERT_TYPE),
                     Delivery::Presence(beat) => (serde_json::to_vec(beat), PRESENCE_TYPE),
                 };
@@ -803,7 +1110,6 @@ impl Api {
                 }
                 Received {
                     ack_id: received.ack_id,
-                    message_id: message.message_id,
                     delivery,
                 }
             })
@@ -960,51 +1266,58 @@ fn random_fraction() -> f64 {
     }
 }
 
-/// The last `capacity` message ids, for dropping redeliveries in bounded memory.
-struct RecentIds {
-    capacity: usize,
-    set: HashSet<String>,
-    order: VecDeque<String>,
-}
-
-impl RecentIds {
-    fn new(capacity: usize) -> RecentIds {
-        RecentIds {
-            capacity,
-            set: HashSet::new(),
-            order: VecDeque::new(),
-        }
-    }
-
-    /// True when `id` was not seen recently (and remembers it).
-    fn insert(&mut self, id: &str) -> bool {
-        if self.set.contains(id) {
-            return false;
-        }
-        if self.order.len() == self.capacity
-            && let Some(oldest) = self.order.pop_front()
-        {
-            self.set.remove(&oldest);
-        }
-        self.set.insert(id.to_string());
-        self.order.push_back(id.to_string());
-        true
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn recent_ids_drop_repeats_and_forget_the_oldest() {
-        let mut recent = RecentIds::new(2);
-        assert!(recent.insert("a"));
-        assert!(!recent.insert("a"));
-        assert!(recent.insert("b"));
-        assert!(recent.insert("c"));
-        assert!(recent.insert("a"), "a was forgotten when c arrived");
-        assert!(recent.set.len() <= 2 && recent.order.len() <= 2);
+    fn failures_follow_googles_retry_table() {
+        let status = |code: u16, status: &str| ApiError::Status {
+            code,
+            status: status.to_string(),
+            message: String::new(),
+        };
+        for passing in [
+            "ABORTED",
+            "CANCELLED",
+            "DEADLINE_EXCEEDED",
+            "INTERNAL",
+            "RESOURCE_EXHAUSTED",
+            "UNAVAILABLE",
+            "UNKNOWN",
+        ] {
+            assert_eq!(
+                status(500, passing).failure(),
+                Failure::Passing,
+                "{passing}"
+            );
+        }
+        for person in [
+            "FAILED_PRECONDITION",
+            "PERMISSION_DENIED",
+            "UNAUTHENTICATED",
+        ] {
+            assert_eq!(
+                status(400, person).failure(),
+                Failure::NeedsPerson,
+                "{person}"
+            );
+        }
+        assert_eq!(status(400, "INVALID_ARGUMENT").failure(), Failure::Invalid);
+        assert_eq!(status(404, "NOT_FOUND").failure(), Failure::NotFound);
+        // No status: a proxy's page, judged by its code.
+        assert_eq!(status(502, "").failure(), Failure::Passing);
+        assert_eq!(status(429, "").failure(), Failure::Passing);
+        assert_eq!(status(403, "").failure(), Failure::NeedsPerson);
+        assert_eq!(status(400, "").failure(), Failure::NeedsPerson);
+        assert_eq!(
+            ApiError::Transport("reset".into()).failure(),
+            Failure::Passing
+        );
+        assert_eq!(
+            ApiError::Auth("refused".into()).failure(),
+            Failure::NeedsPerson
+        );
     }
 
     #[test]
