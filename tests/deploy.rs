@@ -659,6 +659,61 @@ fn dockerfile_final_image_is_minimal_non_root_and_keyless() {
     );
 }
 
+/// The Debian release an image is built on, from its tag: a codename
+/// (`rust:1-slim-trixie`, `debian:trixie-slim`) or distroless's
+/// `-debianNN` suffix (`gcr.io/distroless/cc-debian13:nonroot`).
+fn debian_release(image: &str) -> Option<u32> {
+    const CODENAMES: [(&str, u32); 4] = [
+        ("bullseye", 11),
+        ("bookworm", 12),
+        ("trixie", 13),
+        ("forky", 14),
+    ];
+    let image = image.split_whitespace().next().unwrap_or_default();
+    if let Some((_, rest)) = image.split_once("-debian") {
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        return digits.parse().ok();
+    }
+    let tag = image.rsplit_once(':')?.1;
+    CODENAMES
+        .iter()
+        .find(|(name, _)| tag.split('-').any(|part| part == *name))
+        .map(|(_, release)| *release)
+}
+
+/// Distroless keeps a Debian release's images until a year after the next
+/// release (its SUPPORT_POLICY.md): cc-debian12 ends in 2026, so 13 is the
+/// oldest release the image may be built on.
+const OLDEST_SUPPORTED_DEBIAN: u32 = 13;
+
+#[test]
+fn dockerfile_builds_and_runs_on_the_same_supported_debian_release() {
+    assert_eq!(debian_release("rust:1-slim-trixie AS build"), Some(13));
+    assert_eq!(
+        debian_release("gcr.io/distroless/cc-debian12:nonroot"),
+        Some(12)
+    );
+    assert_eq!(debian_release("debian:bookworm-slim"), Some(12));
+    assert_eq!(debian_release("rust:1-slim"), None);
+
+    let instructions = dockerfile();
+    let stages = stages(&instructions);
+    let build = &stages[0][0].args;
+    let run = &stages.last().expect("a final stage")[0].args;
+    let (Some(built_on), Some(runs_on)) = (debian_release(build), debian_release(run)) else {
+        panic!("name the Debian release in both images' tags: FROM {build} / FROM {run}");
+    };
+    // The binary needs the glibc it was linked against, or newer.
+    assert_eq!(
+        built_on, runs_on,
+        "built on Debian {built_on} ({build}), run on Debian {runs_on} ({run})"
+    );
+    assert!(
+        runs_on >= OLDEST_SUPPORTED_DEBIAN,
+        "Debian {runs_on} ({run}) is past distroless's support"
+    );
+}
+
 #[test]
 fn ignore_files_keep_keys_and_build_output_out() {
     let lines = |name: &str| -> Vec<String> {
