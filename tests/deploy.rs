@@ -220,9 +220,27 @@ fn fly_env_and_limits_agree_with_the_code() {
         hard <= max_connections,
         "Fly would send {hard} connections to a server that takes {max_connections}"
     );
-    // Stopped, not suspended: only a stop sends kill_signal, which closes
-    // the sockets and deletes the subscription.
-    assert_eq!(str_at(&fly, "http_service.auto_stop_machines"), "stop");
+    // One warm Machine per region: the proxy's autostop may stop a region's
+    // only Machine and serve its clients from another region, and a
+    // suspended Machine's subscription would collect what nobody pulls.
+    assert_eq!(
+        at(&fly, "http_service.auto_stop_machines").as_str(),
+        Some("off"),
+        "auto_stop_machines must be \"off\" (a string; `false` means the same to Fly but reads as a mistake)"
+    );
+    // A Machine that stopped anyway (it exited, or by hand) may be started
+    // again by a request; and min_machines_running, which applies only
+    // while autostop is on, would only suggest that it does something.
+    assert_eq!(
+        at(&fly, "http_service.auto_start_machines").as_bool(),
+        Some(true)
+    );
+    assert!(
+        at(&fly, "http_service")
+            .get("min_machines_running")
+            .is_none(),
+        "min_machines_running has no effect with auto_stop_machines = \"off\""
+    );
 
     let vm = at(&fly, "vm")
         .as_array()
