@@ -53,7 +53,9 @@ docker:
 
 ## deploy: deploy to Fly with fly.toml (needs flyctl and `fly auth login`)
 deploy:
-	fly deploy
+	@# --ha=false: a deploy that creates Machines (the first, or after
+	@# scaling to zero) makes one, not two; README "Deploy on Fly".
+	fly deploy --ha=false
 
 ## secrets: store KEY (default ./google-service-account.json) as the Fly secret
 ##          GOOGLE_SERVICE_ACCOUNT_JSON, through stdin so it is never echoed
