@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -300,18 +300,46 @@ fn fly_health_checks_answer_200_on_a_running_server() {
     }
 }
 
-#[test]
-fn fly_metrics_section_points_at_the_prometheus_endpoint() {
-    let fly = fly_toml();
+/// fly.toml's [metrics] port: the one [env] gives METRICS_PORT, apart from
+/// the public internal_port.
+fn fly_metrics_port(fly: &Table) -> u16 {
+    let port = u16::try_from(int_at(fly, "metrics.port")).expect("[metrics] port is a port");
+    let env = env_section(fly);
+    let metrics_port = env
+        .iter()
+        .find(|(k, _)| k == "METRICS_PORT")
+        .map(|(_, v)| v.as_str());
     assert_eq!(
-        int_at(&fly, "metrics.port"),
-        int_at(&fly, "http_service.internal_port"),
-        "metrics are served on the server's one port"
+        metrics_port,
+        Some(port.to_string().as_str()),
+        "[env] METRICS_PORT must be [metrics] port, or Fly scrapes a port nobody listens on"
+    );
+    assert_ne!(
+        i64::from(port),
+        int_at(fly, "http_service.internal_port"),
+        "metrics on the public port would be public at https://APP.fly.dev/metrics"
+    );
+    port
+}
+
+#[test]
+fn fly_metrics_section_points_at_the_metrics_listener() {
+    let fly = fly_toml();
+    fly_metrics_port(&fly);
+    // A top-level [metrics]: Fly's scraper config, not part of the service
+    // the proxy exposes.
+    assert!(
+        at(&fly, "metrics").is_table(),
+        "fly.toml [metrics] is missing or not a table"
+    );
+    assert!(
+        at(&fly, "http_service").get("metrics").is_none(),
+        "[metrics] belongs outside [http_service]"
     );
     let path = str_at(&fly, "metrics.path");
-    let server = support::Server::start(&[]);
-    let response = http(server.addr, "GET", path);
-    assert_eq!(response.status, 200, "GET {path}");
+    let server = support::Server::start(&[support::WITH_METRICS]);
+    let response = http(server.metrics_addr(), "GET", path);
+    assert_eq!(response.status, 200, "GET {path} on METRICS_PORT");
     assert_eq!(
         response.header("Content-Type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
@@ -322,6 +350,11 @@ fn fly_metrics_section_points_at_the_prometheus_endpoint() {
             .contains("# TYPE skywatch_connected_clients gauge"),
         "{}",
         response.body_text()
+    );
+    assert_eq!(
+        http(server.addr, "GET", path).status,
+        404,
+        "GET {path} on the public port"
     );
 }
 
@@ -428,9 +461,34 @@ fn release_binary_runs_with_only_the_environment_of_a_fly_machine() {
         "not listening on 0.0.0.0:{internal}:\n{log}"
     );
     assert!(log.contains("broker: local"), "{log}");
+    // Fly's scraper may come over the private IPv6 network or over IPv4:
+    // one dual-stack socket on every interface takes both.
+    let metrics_port = fly_metrics_port(&fly);
+    assert!(
+        log.contains(&format!(
+            "metrics on http://[::]:{metrics_port}/metrics (IPv6 and IPv4)"
+        )),
+        "metrics not on [::]:{metrics_port}:\n{log}"
+    );
+    let metrics_path = str_at(&fly, "metrics.path");
+    for ip in [
+        IpAddr::from(Ipv4Addr::LOCALHOST),
+        IpAddr::from(Ipv6Addr::LOCALHOST),
+    ] {
+        let scrape = http(SocketAddr::from((ip, metrics_port)), "GET", metrics_path);
+        assert_eq!(
+            scrape.status, 200,
+            "GET {metrics_path} on {ip}:{metrics_port}"
+        );
+    }
 
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, internal));
     assert_eq!(http(addr, "GET", "/healthz").status, 200);
+    assert_eq!(
+        http(addr, "GET", metrics_path).status,
+        404,
+        "metrics on the public port"
+    );
     let page = http(addr, "GET", "/");
     assert_eq!(page.status, 200);
     assert!(page.body_text().contains("<button"), "the page is embedded");
