@@ -623,7 +623,7 @@ pub fn help() -> String {
          Usage: skywatch [--help | --version]\n\n\
          On PORT: the page at /, WebSockets at /ws, liveness at /healthz,\n\
          readiness at /readyz. On METRICS_PORT, when set: Prometheus metrics\n\
-         at /metrics (never on PORT).\n\
+         at /metrics (never on PORT).\n\n\
          Configured only through environment variables:\n\n",
     );
     for (name, default, meaning) in VARIABLES {
