@@ -1,6 +1,12 @@
+# Both stages are Debian 13 (trixie): the binary links against the build
+# stage's glibc and runs on the final stage's, so the two must be the same
+# release (tests/deploy.rs checks). Distroless supports a Debian release's
+# images until a year after the next release (its SUPPORT_POLICY.md), so
+# cc-debian12 ends in 2026.
+#
 # Build stage: dependencies first, in a layer of their own, so a code change
 # rebuilds only Skywatch itself.
-FROM rust:1-slim-bookworm AS build
+FROM rust:1-slim-trixie AS build
 WORKDIR /src
 # The workspace's manifests and a stub source for each package: enough for
 # cargo to load the workspace and build every dependency of skywatch.
@@ -23,7 +29,7 @@ RUN touch src/main.rs && cargo build --release --locked --bin skywatch
 # Final stage: the binary alone (index.html is built into it), glibc, CA
 # certificates, and a non-root user. No key file is ever copied in: the key
 # arrives as the GOOGLE_SERVICE_ACCOUNT_JSON secret at run time.
-FROM gcr.io/distroless/cc-debian12:nonroot
+FROM gcr.io/distroless/cc-debian13:nonroot
 COPY --from=build /src/target/release/skywatch /usr/local/bin/skywatch
 # The image's `nonroot` user, by number so the runtime need not look it up.
 USER 65532:65532

@@ -7,7 +7,8 @@ PORT ?= 8080
 # The service-account key `make secrets` stores on Fly.
 KEY ?= google-service-account.json
 # `make demo`: the Pub/Sub test server's port (the emulator's usual one) and
-# the three instances' regions, on ports 8080, 8081 and 8082.
+# the three instances' regions, on ports 8080, 8081 and 8082, each with its
+# own metrics port (9091, 9092, 9093): instances on one host cannot share one.
 DEMO_PUBSUB_PORT ?= 8085
 RELEASE := target/release
 
@@ -18,6 +19,7 @@ help:
 	@sed -n 's/^## //p' $(MAKEFILE_LIST)
 
 ## run: start one instance in local mode on http://localhost:$(PORT)
+##      (no metrics unless METRICS_PORT is set: METRICS_PORT=9091 make run)
 run:
 	PORT=$(PORT) $(CARGO) run --release --locked --bin skywatch
 
@@ -53,7 +55,9 @@ docker:
 
 ## deploy: deploy to Fly with fly.toml (needs flyctl and `fly auth login`)
 deploy:
-	fly deploy
+	@# --ha=false: a deploy that creates Machines (the first, or after
+	@# scaling to zero) makes one, not two; README "Deploy on Fly".
+	fly deploy --ha=false
 
 ## secrets: store KEY (default ./google-service-account.json) as the Fly secret
 ##          GOOGLE_SERVICE_ACCOUNT_JSON, through stdin so it is never echoed
@@ -64,17 +68,20 @@ secrets:
 		| fly secrets import
 	@echo "GOOGLE_SERVICE_ACCOUNT_JSON set from $(KEY)"
 
-## demo: three local instances (ams, sin, syd on ports 8080-8082) joined by the
-##       Pub/Sub test server; open two of them and press the button. Ctrl-C stops all.
+## demo: three local instances (ams, sin, syd on ports 8080-8082, metrics on
+##       9091-9093) joined by the Pub/Sub test server; open two of them and
+##       press the button. Ctrl-C stops all.
 demo:
 	$(CARGO) build --release --locked -p skywatch -p pubsub-test-server --bins
 	@echo "Open http://localhost:8080 (ams), http://localhost:8081 (sin) and http://localhost:8082 (syd)."
+	@echo "Metrics: http://localhost:9091/metrics (ams), :9092 (sin), :9093 (syd)."
 	@$(RELEASE)/pubsub-test-server --port $(DEMO_PUBSUB_PORT) & broker=$$!; \
 	pids=; \
-	for instance in 8080:ams 8081:sin 8082:syd; do \
+	for instance in 8080:9091:ams 8081:9092:sin 8082:9093:syd; do \
 		port=$${instance%%:*}; region=$${instance##*:}; \
+		metrics=$${instance#*:}; metrics=$${metrics%%:*}; \
 		PUBSUB_EMULATOR_HOST=localhost:$(DEMO_PUBSUB_PORT) PUBSUB_PROJECT_ID=skywatch-demo \
-		PORT=$$port FLY_REGION=$$region FLY_ALLOC_ID=demo-$$region \
+		PORT=$$port METRICS_PORT=$$metrics FLY_REGION=$$region FLY_ALLOC_ID=demo-$$region \
 		$(RELEASE)/skywatch & pids="$$pids $$!"; \
 	done; \
 	trap 'kill -TERM $$pids 2>/dev/null; wait $$pids; kill $$broker' INT TERM; \

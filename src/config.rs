@@ -25,6 +25,11 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "address to listen on (Fly's proxy needs 0.0.0.0 or ::)",
     ),
     (
+        "METRICS_PORT",
+        "unset",
+        "TCP port of a listener for GET /metrics alone, on HOST (0.0.0.0 or :: meaning IPv6 and IPv4; 0 picks a free port); unset or empty: no metrics",
+    ),
+    (
         "FLY_ALLOC_ID",
         "random per process",
         "this instance's id, the `sender` of its alerts",
@@ -166,6 +171,8 @@ const PUBSUB_VARIABLES: &[&str] = &[
 pub struct Config {
     pub host: IpAddr,
     pub port: u16,
+    /// The metrics listener's port; None: no metrics listener.
+    pub metrics_port: Option<u16>,
     pub instance_id: String,
     pub region: String,
     /// Normalized origins (`scheme://host[:port]`, lowercase, no default port).
@@ -250,8 +257,10 @@ impl Config {
             name,
             value: lookup(name).filter(|v| !v.is_empty()),
         };
+        let port = var("PORT").parse_or(8080, "expected a port number from 0 to 65535")?;
         let config = Config {
-            port: var("PORT").parse_or(8080, "expected a port number from 0 to 65535")?,
+            port,
+            metrics_port: metrics_port(var("METRICS_PORT"), port)?,
             host: var("HOST").parse_or(IpAddr::from([0, 0, 0, 0]), "expected an IP address")?,
             instance_id: match var("FLY_ALLOC_ID").value {
                 Some(id) => id,
@@ -378,6 +387,22 @@ impl Var {
             },
         }
     }
+}
+
+/// METRICS_PORT: unset or empty means no metrics listener, so that several
+/// instances on one host (`make demo`) need no port each.
+fn metrics_port(var: Var, port: u16) -> Result<Option<u16>, ConfigError> {
+    if var.value.is_none() {
+        return Ok(None);
+    }
+    let metrics = var.parse_or(
+        0,
+        "expected a port number from 0 to 65535 (unset or empty: no metrics)",
+    )?;
+    if metrics != 0 && metrics == port {
+        return Err(var.error("the same as PORT: metrics need a port of their own"));
+    }
+    Ok(Some(metrics))
 }
 
 fn seconds(var: Var, default: u64) -> Result<Duration, ConfigError> {
@@ -611,7 +636,9 @@ pub fn help() -> String {
     let mut text = String::from(
         "skywatch: real-time alien-landing alerts for browsers.\n\n\
          Usage: skywatch [--help | --version]\n\n\
-         Serves the page at /, WebSockets at /ws, liveness at /healthz.\n\
+         On PORT: the page at /, WebSockets at /ws, liveness at /healthz,\n\
+         readiness at /readyz. On METRICS_PORT, when set: Prometheus metrics\n\
+         at /metrics (never on PORT).\n\n\
          Configured only through environment variables:\n\n",
     );
     for (name, default, meaning) in VARIABLES {
@@ -642,6 +669,7 @@ mod tests {
         assert_eq!(c.port, 8080);
         assert_eq!(c.region, "LOCAL_REGION");
         assert_eq!(c.max_connections, None, "derived from memory at start");
+        assert_eq!(c.metrics_port, None, "no metrics listener unless asked");
         assert_eq!((c.alerts_per_second, c.alert_burst), (1.0, 5));
         assert!(matches!(c.broker, BrokerChoice::Local { .. }));
     }
@@ -714,6 +742,11 @@ mod tests {
         let cases = [
             ("PORT", "abc"),
             ("PORT", "70000"),
+            ("METRICS_PORT", "abc"),
+            ("METRICS_PORT", "70000"),
+            ("METRICS_PORT", "-1"),
+            ("METRICS_PORT", " "),
+            ("METRICS_PORT", "8080"),
             ("HOST", "nowhere"),
             ("MAX_CONNECTIONS", "0"),
             ("MAX_CONNECTIONS", "-1"),
@@ -739,6 +772,23 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn metrics_port_is_optional_and_apart_from_port() {
+        let port = |vars: &[(&str, &str)]| config(vars).map(|c| c.metrics_port);
+        assert_eq!(port(&[("METRICS_PORT", "")]), Ok(None), "empty is unset");
+        assert_eq!(port(&[("METRICS_PORT", "9091")]), Ok(Some(9091)));
+        assert_eq!(port(&[("METRICS_PORT", " 9091 ")]), Ok(Some(9091)));
+        assert_eq!(port(&[("METRICS_PORT", "0")]), Ok(Some(0)), "a free one");
+        assert_eq!(
+            port(&[("PORT", "0"), ("METRICS_PORT", "0")]),
+            Ok(Some(0)),
+            "two free ports are two ports"
+        );
+        let err = config(&[("PORT", "9091"), ("METRICS_PORT", "9091")]).unwrap_err();
+        assert_eq!(err.variable, "METRICS_PORT");
+        assert!(err.reason.contains("PORT"), "{err}");
     }
 
     #[test]

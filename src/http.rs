@@ -1,6 +1,7 @@
 //! The listener: accepts TCP connections, reads each HTTP request head, and
 //! either answers it (the page, health checks) or upgrades it to a WebSocket
-//! served by `socket.rs` on the same thread.
+//! served by `socket.rs` on the same thread. Also the metrics listener, on
+//! METRICS_PORT: `GET /metrics` only, one scrape at a time, never on PORT.
 //!
 //! Why not tiny_http: its `Request::upgrade` yields one boxed stream that can
 //! be neither cloned nor given a timeout, so the fan-out thread could not own
@@ -14,11 +15,11 @@ use crate::fanout::ClientId;
 use crate::log::{Throttle, suppressed};
 use crate::metrics::{METRICS, Refusal};
 use crate::socket::{self, SessionContext};
-use socket2::SockRef;
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, Shutdown, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -376,13 +377,10 @@ fn handle_connection(
     server.remove_pending(pending);
     let (head, already_read) = match read {
         Ok(parsed) => parsed,
-        Err(HeadError::Gone) => return None,
-        Err(HeadError::TooLarge) => {
-            respond(stream, Response::text(431, "request head too large\n"));
-            return None;
-        }
-        Err(HeadError::Malformed) => {
-            respond(stream, Response::text(400, "malformed request\n"));
+        Err(err) => {
+            if let Some(response) = unreadable(err) {
+                respond(stream, response);
+            }
             return None;
         }
     };
@@ -390,7 +388,6 @@ fn handle_connection(
         respond(stream, Response::text(400, duplicate_header_message(name)));
         return None;
     }
-    let head_only = head.method == "HEAD";
     let response = match (head.path.as_str(), head.method.as_str()) {
         ("/", "GET" | "HEAD") => Response::html(INDEX_HTML),
         ("/healthz", "GET" | "HEAD") => Response::text(200, "ok"),
@@ -402,23 +399,27 @@ fn handle_connection(
         },
         ("/ws", "GET") => return upgrade(stream, &head, already_read, server),
         ("/ws", _) => Response::text(405, "method not allowed\n").with_header("Allow", "GET"),
-        ("/metrics", "GET" | "HEAD") => Response::metrics(
-            crate::metrics::METRICS.render(server.session.broker.name(), &server.session.region),
-        ),
-        ("/" | "/healthz" | "/readyz" | "/metrics", _) => {
-            Response::text(405, "method not allowed\n").with_header("Allow", "GET, HEAD")
-        }
+        ("/" | "/healthz" | "/readyz", _) => get_or_head_only(),
+        // /metrics among them: it is served on METRICS_PORT alone, so the
+        // public port never shows it.
         _ => Response::text(404, "not found\n"),
     };
-    respond(
-        stream,
-        if head_only {
-            response.without_body()
-        } else {
-            response
-        },
-    );
+    respond(stream, response.for_method(&head.method));
     None
+}
+
+/// The answer to a request head that could not be read, or None when the
+/// client is gone and nothing can be answered.
+fn unreadable(err: HeadError) -> Option<Response> {
+    match err {
+        HeadError::Gone => None,
+        HeadError::TooLarge => Some(Response::text(431, "request head too large\n")),
+        HeadError::Malformed => Some(Response::text(400, "malformed request\n")),
+    }
+}
+
+fn get_or_head_only() -> Response {
+    Response::text(405, "method not allowed\n").with_header("Allow", "GET, HEAD")
 }
 
 fn duplicate_header_message(name: &str) -> &'static str {
@@ -780,9 +781,12 @@ impl Response {
         self
     }
 
-    /// For HEAD: same headers (Content-Length included), no body.
-    fn without_body(mut self) -> Response {
-        self.body = Cow::Borrowed(b"");
+    /// The response to a `method` request: for HEAD, the same headers
+    /// (Content-Length included) without the body.
+    fn for_method(mut self, method: &str) -> Response {
+        if method == "HEAD" {
+            self.body = Cow::Borrowed(b"");
+        }
         self
     }
 }
@@ -804,7 +808,13 @@ fn reason(status: u16) -> &'static str {
 
 /// Writes a response and closes the connection. One request per connection:
 /// the page makes two requests in its life, so keep-alive would buy nothing.
-fn respond(mut stream: TcpStream, response: Response) {
+fn respond(stream: TcpStream, response: Response) {
+    respond_within(stream, response, Duration::from_secs(5));
+}
+
+/// [`respond`], giving up on a client that takes longer than `timeout` to
+/// take the response.
+fn respond_within(mut stream: TcpStream, response: Response, timeout: Duration) {
     let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\
          Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n",
@@ -819,11 +829,98 @@ fn respond(mut stream: TcpStream, response: Response) {
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(&response.body);
-    let _ = stream.set_write_timeout(Some(Duration::from_secs(5)));
+    let _ = stream.set_write_timeout(Some(timeout));
     if stream.write_all(&out).is_ok() {
         let _ = stream.shutdown(Shutdown::Write);
         socket::linger(&stream, Duration::from_secs(1));
     }
+}
+
+// ---------------------------------------------------------------------------
+// The metrics listener (METRICS_PORT)
+// ---------------------------------------------------------------------------
+
+/// A scraper gets this long to send its request, and as long again to take
+/// the answer. Scrapes are served one at a time, so this bounds how long a
+/// stuck one holds up the next (Fly's scraper comes every 15 s).
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(2);
+
+static METRICS_ACCEPT_FAILED: Throttle = Throttle::new();
+
+/// Binds the metrics port. With HOST unspecified (the default 0.0.0.0, or
+/// ::) that means every interface, as one IPv6 socket with IPV6_V6ONLY off,
+/// which takes IPv4 connections too: Fly's scraper then reaches it over the
+/// Machine's private IPv6 address as well as over IPv4. On a host without
+/// IPv6 it falls back to 0.0.0.0, and says so. Any other HOST is used as
+/// given (127.0.0.1 keeps metrics on the machine).
+pub fn bind_metrics(host: IpAddr, port: u16) -> io::Result<TcpListener> {
+    if !host.is_unspecified() {
+        return TcpListener::bind((host, port));
+    }
+    match bind_dual_stack(port) {
+        Err(err) if !is_port_problem(&err) => {
+            crate::warn!("no IPv6 for the metrics port ({err}): listening on IPv4 only");
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, port))
+        }
+        bound => bound,
+    }
+}
+
+fn bind_dual_stack(port: u16) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::IPV6, Type::STREAM, Some(Protocol::TCP))?;
+    // Explicitly: the default follows net.ipv6.bindv6only, which a host may set.
+    socket.set_only_v6(false)?;
+    // As std's TcpListener::bind does: a restart need not wait out TIME_WAIT.
+    socket.set_reuse_address(true)?;
+    socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    socket.listen(128)?;
+    Ok(socket.into())
+}
+
+/// Whether binding failed for the port itself (taken, or privileged), which
+/// IPv4 would not fix, rather than for want of IPv6.
+fn is_port_problem(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::AddrInUse | io::ErrorKind::PermissionDenied
+    )
+}
+
+/// The metrics thread: answers each connection in turn, `GET /metrics`
+/// with the Prometheus text and anything else with 404 or 405. One at a
+/// time and with short timeouts, a slow scraper delays only the next scrape
+/// and costs one thread; nothing else waits on this one.
+pub fn serve_metrics(listener: &TcpListener, broker: &str, region: &str) {
+    loop {
+        match listener.accept() {
+            Ok((stream, _)) => answer_scrape(stream, broker, region),
+            Err(err) => {
+                if let Some(more) = METRICS_ACCEPT_FAILED.allow() {
+                    crate::warn!("metrics accept failed: {err}{}", suppressed(more));
+                }
+                // Out of descriptors or memory: nothing to wait on but time.
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+fn answer_scrape(mut stream: TcpStream, broker: &str, region: &str) {
+    let deadline = Instant::now() + SCRAPE_TIMEOUT;
+    let response = match read_head(&mut stream, deadline, None) {
+        Ok((head, _)) => match (head.path.as_str(), head.method.as_str()) {
+            ("/metrics", "GET" | "HEAD") => {
+                Response::metrics(METRICS.render(broker, region)).for_method(&head.method)
+            }
+            ("/metrics", _) => get_or_head_only(),
+            _ => Response::text(404, "not found\n"),
+        },
+        Err(err) => match unreadable(err) {
+            Some(response) => response,
+            None => return,
+        },
+    };
+    respond_within(stream, response, SCRAPE_TIMEOUT);
 }
 
 #[cfg(test)]
@@ -898,6 +995,37 @@ mod tests {
             !check(&[("Origin", "https://sky.fly.dev")]),
             "no Host to compare with"
         );
+    }
+
+    #[test]
+    fn only_a_missing_ipv6_falls_back_to_ipv4() {
+        let error = io::Error::from_raw_os_error;
+        assert!(is_port_problem(&error(libc::EADDRINUSE)));
+        assert!(is_port_problem(&error(libc::EACCES)));
+        assert!(!is_port_problem(&error(libc::EAFNOSUPPORT)));
+        assert!(!is_port_problem(&error(libc::EADDRNOTAVAIL)));
+    }
+
+    #[test]
+    fn the_dual_stack_metrics_socket_takes_ipv4_and_ipv6() {
+        let listener = match bind_dual_stack(0) {
+            Ok(listener) => listener,
+            Err(err) => {
+                eprintln!("SKIPPED: no IPv6 on this host ({err}); bind_metrics uses 0.0.0.0");
+                return;
+            }
+        };
+        let port = listener.local_addr().expect("bound").port();
+        for ip in [
+            IpAddr::from(Ipv4Addr::LOCALHOST),
+            IpAddr::from(Ipv6Addr::LOCALHOST),
+        ] {
+            let client =
+                TcpStream::connect_timeout(&SocketAddr::from((ip, port)), Duration::from_secs(2));
+            assert!(client.is_ok(), "{ip} cannot reach [::]:{port}: {client:?}");
+            let (_, peer) = listener.accept().expect("accept");
+            assert_eq!(peer.ip().to_canonical(), ip, "{peer}");
+        }
     }
 
     #[test]

@@ -29,7 +29,7 @@ use config::{BrokerChoice, Config};
 use crossbeam_channel::bounded;
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
-use std::net::TcpListener;
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -176,6 +176,14 @@ fn run(config: Config) -> Result<(), String> {
             capacity: max_connections.saturating_mul(2).max(64),
         }),
     ));
+    // GET /metrics on a listener of its own (METRICS_PORT), never on PORT.
+    start_metrics(
+        config.host,
+        config.metrics_port,
+        broker.name(),
+        &config.region,
+    );
+
     let address = listener
         .local_addr()
         .map_err(|err| format!("cannot read the bound address: {err}"))?;
@@ -205,6 +213,36 @@ fn run(config: Config) -> Result<(), String> {
     broker.shutdown(started + SHUTDOWN_BUDGET);
     info!("stopped in {} ms", started.elapsed().as_millis());
     Ok(())
+}
+
+/// The metrics thread, when METRICS_PORT is set. Never fatal: an instance
+/// without metrics still carries alerts. Never joined: a scrape in progress
+/// must not hold up shutdown, and the process's exit ends the thread.
+fn start_metrics(host: IpAddr, port: Option<u16>, broker: &'static str, region: &str) {
+    let Some(port) = port else {
+        info!("metrics: off (METRICS_PORT unset or empty)");
+        return;
+    };
+    let listener = match http::bind_metrics(host, port) {
+        Ok(listener) => listener,
+        Err(err) => {
+            warn!("cannot listen for metrics on port {port}: {err}; metrics off");
+            return;
+        }
+    };
+    let address = match listener.local_addr() {
+        Ok(a) if a.ip().is_unspecified() && a.is_ipv6() => format!("{a}/metrics (IPv6 and IPv4)"),
+        Ok(a) => format!("{a}/metrics"),
+        Err(_) => format!("{}/metrics", SocketAddr::from((host, port))),
+    };
+    let region = region.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || http::serve_metrics(&listener, broker, &region));
+    match spawned {
+        Ok(_) => info!("metrics on http://{address}"),
+        Err(err) => warn!("cannot start the metrics thread: {err}; metrics off"),
+    }
 }
 
 /// One open file per client: lift the soft limit to the hard one (see

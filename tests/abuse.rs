@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::{
-    Client, Server, TIMEOUT, client_over_upgraded, connect_from, get, http_raw, person,
-    raw_connect, raw_handshake, upgrade_request,
+    Client, Server, TIMEOUT, WITH_METRICS, client_over_upgraded, connect_from, get, http_raw,
+    person, raw_connect, raw_handshake, upgrade_request,
 };
 use tungstenite::Message;
 
 fn metric(server: &Server, name: &str) -> f64 {
-    let text = get(server.addr, "/metrics").body_text();
+    let text = server.scrape().body_text();
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
@@ -61,7 +61,7 @@ fn median(mut values: Vec<f64>) -> f64 {
 
 #[test]
 fn a_ping_flood_is_closed_with_1008_and_reconnecting_does_not_reset_the_budget() {
-    let server = Server::start(&[]);
+    let server = Server::start(&[WITH_METRICS]);
     let mut bystander = connect_from(server.addr, person(1));
     let mut flooder = connect_from(server.addr, person(0));
     let (sent, code) = ping_until_closed(&mut flooder, 500);
@@ -214,6 +214,7 @@ fn a_ping_flood_cannot_delay_a_bystanders_alerts() {
 #[test]
 fn reconnecting_does_not_reset_an_addresss_alert_limit() {
     let server = Server::start(&[
+        WITH_METRICS,
         ("ADDRESS_ALERTS_PER_SECOND", "0.5"),
         ("ADDRESS_ALERT_BURST", "8"),
     ]);
@@ -262,7 +263,7 @@ fn reconnecting_does_not_reset_an_addresss_alert_limit() {
 
 #[test]
 fn an_address_may_hold_only_so_many_websockets() {
-    let server = Server::start(&[("ADDRESS_MAX_CONNECTIONS", "3")]);
+    let server = Server::start(&[WITH_METRICS, ("ADDRESS_MAX_CONNECTIONS", "3")]);
     let _held: Vec<Client> = (0..3)
         .map(|_| connect_from(server.addr, person(0)))
         .collect();
@@ -327,6 +328,7 @@ fn the_address_comes_from_the_trusted_header_and_ipv6_counts_by_slash_64() {
 fn a_full_address_table_refuses_new_addresses_and_keeps_live_ones() {
     // MAX_CONNECTIONS 20: the table remembers 64 addresses at least.
     let server = Server::start(&[
+        WITH_METRICS,
         ("CLIENT_IP_HEADER", "X-Client-IP"),
         ("MAX_CONNECTIONS", "20"),
         // A bucket that takes minutes to refill: a spent one is remembered.
@@ -366,7 +368,7 @@ fn bind_connect(addr: SocketAddr, from: std::net::Ipv4Addr) -> TcpStream {
 #[test]
 fn idle_sockets_cannot_keep_health_checks_out() {
     // Every WebSocket slot is taken...
-    let server = Server::start(&[("MAX_CONNECTIONS", "2")]);
+    let server = Server::start(&[WITH_METRICS, ("MAX_CONNECTIONS", "2")]);
     let _clients: Vec<Client> = (0..2)
         .map(|n| connect_from(server.addr, person(n)))
         .collect();
@@ -407,7 +409,7 @@ fn a_silent_socket_is_dropped_after_two_seconds() {
 
 #[test]
 fn three_hundred_senders_at_their_limit_leave_a_bystanders_press_shown_within_2_s() {
-    let server = Server::start(&[]);
+    let server = Server::start(&[WITH_METRICS]);
     let mut senders: Vec<Client> = (0..300)
         .map(|n| connect_from(server.addr, person(n)))
         .collect();

@@ -11,6 +11,7 @@ use support::{Server, get, run_to_exit};
 const VARIABLES: &[(&str, Option<&str>)] = &[
     ("HOST", Some("0.0.0.0")),
     ("PORT", Some("8080")),
+    ("METRICS_PORT", Some("unset")),
     ("FLY_ALLOC_ID", Some("random")),
     ("FLY_REGION", Some("LOCAL_REGION")),
     ("ALLOWED_ORIGINS", None),
@@ -145,6 +146,31 @@ fn invalid_port_is_rejected() {
     check_invalid("PORT", "abc", "abc");
     check_invalid("PORT", "70000", "70000");
     check_invalid("PORT", "-1", "-1");
+}
+
+#[test]
+fn invalid_metrics_port_is_rejected() {
+    check_invalid("METRICS_PORT", "abc", "abc");
+    check_invalid("METRICS_PORT", "70000", "70000");
+    check_invalid("METRICS_PORT", "-1", "-1");
+    check_invalid("METRICS_PORT", "9091x", "9091x");
+}
+
+#[test]
+fn metrics_port_must_not_be_port() {
+    let out = run_to_exit(&[], &[("PORT", "18080"), ("METRICS_PORT", "18080")]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{:?}\n{}",
+        out.status,
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("invalid METRICS_PORT=\"18080\"") && out.stderr.contains("PORT"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

@@ -6,7 +6,7 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -220,9 +220,27 @@ fn fly_env_and_limits_agree_with_the_code() {
         hard <= max_connections,
         "Fly would send {hard} connections to a server that takes {max_connections}"
     );
-    // Stopped, not suspended: only a stop sends kill_signal, which closes
-    // the sockets and deletes the subscription.
-    assert_eq!(str_at(&fly, "http_service.auto_stop_machines"), "stop");
+    // One warm Machine per region: the proxy's autostop may stop a region's
+    // only Machine and serve its clients from another region, and a
+    // suspended Machine's subscription would collect what nobody pulls.
+    assert_eq!(
+        at(&fly, "http_service.auto_stop_machines").as_str(),
+        Some("off"),
+        "auto_stop_machines must be \"off\" (a string; `false` means the same to Fly but reads as a mistake)"
+    );
+    // A Machine that stopped anyway (it exited, or by hand) may be started
+    // again by a request; and min_machines_running, which applies only
+    // while autostop is on, would only suggest that it does something.
+    assert_eq!(
+        at(&fly, "http_service.auto_start_machines").as_bool(),
+        Some(true)
+    );
+    assert!(
+        at(&fly, "http_service")
+            .get("min_machines_running")
+            .is_none(),
+        "min_machines_running has no effect with auto_stop_machines = \"off\""
+    );
 
     let vm = at(&fly, "vm")
         .as_array()
@@ -282,18 +300,46 @@ fn fly_health_checks_answer_200_on_a_running_server() {
     }
 }
 
-#[test]
-fn fly_metrics_section_points_at_the_prometheus_endpoint() {
-    let fly = fly_toml();
+/// fly.toml's [metrics] port: the one [env] gives METRICS_PORT, apart from
+/// the public internal_port.
+fn fly_metrics_port(fly: &Table) -> u16 {
+    let port = u16::try_from(int_at(fly, "metrics.port")).expect("[metrics] port is a port");
+    let env = env_section(fly);
+    let metrics_port = env
+        .iter()
+        .find(|(k, _)| k == "METRICS_PORT")
+        .map(|(_, v)| v.as_str());
     assert_eq!(
-        int_at(&fly, "metrics.port"),
-        int_at(&fly, "http_service.internal_port"),
-        "metrics are served on the server's one port"
+        metrics_port,
+        Some(port.to_string().as_str()),
+        "[env] METRICS_PORT must be [metrics] port, or Fly scrapes a port nobody listens on"
+    );
+    assert_ne!(
+        i64::from(port),
+        int_at(fly, "http_service.internal_port"),
+        "metrics on the public port would be public at https://APP.fly.dev/metrics"
+    );
+    port
+}
+
+#[test]
+fn fly_metrics_section_points_at_the_metrics_listener() {
+    let fly = fly_toml();
+    fly_metrics_port(&fly);
+    // A top-level [metrics]: Fly's scraper config, not part of the service
+    // the proxy exposes.
+    assert!(
+        at(&fly, "metrics").is_table(),
+        "fly.toml [metrics] is missing or not a table"
+    );
+    assert!(
+        at(&fly, "http_service").get("metrics").is_none(),
+        "[metrics] belongs outside [http_service]"
     );
     let path = str_at(&fly, "metrics.path");
-    let server = support::Server::start(&[]);
-    let response = http(server.addr, "GET", path);
-    assert_eq!(response.status, 200, "GET {path}");
+    let server = support::Server::start(&[support::WITH_METRICS]);
+    let response = http(server.metrics_addr(), "GET", path);
+    assert_eq!(response.status, 200, "GET {path} on METRICS_PORT");
     assert_eq!(
         response.header("Content-Type"),
         Some("text/plain; version=0.0.4; charset=utf-8")
@@ -304,6 +350,11 @@ fn fly_metrics_section_points_at_the_prometheus_endpoint() {
             .contains("# TYPE skywatch_connected_clients gauge"),
         "{}",
         response.body_text()
+    );
+    assert_eq!(
+        http(server.addr, "GET", path).status,
+        404,
+        "GET {path} on the public port"
     );
 }
 
@@ -410,9 +461,34 @@ fn release_binary_runs_with_only_the_environment_of_a_fly_machine() {
         "not listening on 0.0.0.0:{internal}:\n{log}"
     );
     assert!(log.contains("broker: local"), "{log}");
+    // Fly's scraper may come over the private IPv6 network or over IPv4:
+    // one dual-stack socket on every interface takes both.
+    let metrics_port = fly_metrics_port(&fly);
+    assert!(
+        log.contains(&format!(
+            "metrics on http://[::]:{metrics_port}/metrics (IPv6 and IPv4)"
+        )),
+        "metrics not on [::]:{metrics_port}:\n{log}"
+    );
+    let metrics_path = str_at(&fly, "metrics.path");
+    for ip in [
+        IpAddr::from(Ipv4Addr::LOCALHOST),
+        IpAddr::from(Ipv6Addr::LOCALHOST),
+    ] {
+        let scrape = http(SocketAddr::from((ip, metrics_port)), "GET", metrics_path);
+        assert_eq!(
+            scrape.status, 200,
+            "GET {metrics_path} on {ip}:{metrics_port}"
+        );
+    }
 
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, internal));
     assert_eq!(http(addr, "GET", "/healthz").status, 200);
+    assert_eq!(
+        http(addr, "GET", metrics_path).status,
+        404,
+        "metrics on the public port"
+    );
     let page = http(addr, "GET", "/");
     assert_eq!(page.status, 200);
     assert!(page.body_text().contains("<button"), "the page is embedded");
@@ -656,6 +732,61 @@ fn dockerfile_final_image_is_minimal_non_root_and_keyless() {
         entry.args.starts_with('[') && entry.args.contains("skywatch"),
         "ENTRYPOINT in exec form, so the binary is PID 1 and gets kill_signal: {}",
         entry.args
+    );
+}
+
+/// The Debian release an image is built on, from its tag: a codename
+/// (`rust:1-slim-trixie`, `debian:trixie-slim`) or distroless's
+/// `-debianNN` suffix (`gcr.io/distroless/cc-debian13:nonroot`).
+fn debian_release(image: &str) -> Option<u32> {
+    const CODENAMES: [(&str, u32); 4] = [
+        ("bullseye", 11),
+        ("bookworm", 12),
+        ("trixie", 13),
+        ("forky", 14),
+    ];
+    let image = image.split_whitespace().next().unwrap_or_default();
+    if let Some((_, rest)) = image.split_once("-debian") {
+        let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+        return digits.parse().ok();
+    }
+    let tag = image.rsplit_once(':')?.1;
+    CODENAMES
+        .iter()
+        .find(|(name, _)| tag.split('-').any(|part| part == *name))
+        .map(|(_, release)| *release)
+}
+
+/// Distroless keeps a Debian release's images until a year after the next
+/// release (its SUPPORT_POLICY.md): cc-debian12 ends in 2026, so 13 is the
+/// oldest release the image may be built on.
+const OLDEST_SUPPORTED_DEBIAN: u32 = 13;
+
+#[test]
+fn dockerfile_builds_and_runs_on_the_same_supported_debian_release() {
+    assert_eq!(debian_release("rust:1-slim-trixie AS build"), Some(13));
+    assert_eq!(
+        debian_release("gcr.io/distroless/cc-debian12:nonroot"),
+        Some(12)
+    );
+    assert_eq!(debian_release("debian:bookworm-slim"), Some(12));
+    assert_eq!(debian_release("rust:1-slim"), None);
+
+    let instructions = dockerfile();
+    let stages = stages(&instructions);
+    let build = &stages[0][0].args;
+    let run = &stages.last().expect("a final stage")[0].args;
+    let (Some(built_on), Some(runs_on)) = (debian_release(build), debian_release(run)) else {
+        panic!("name the Debian release in both images' tags: FROM {build} / FROM {run}");
+    };
+    // The binary needs the glibc it was linked against, or newer.
+    assert_eq!(
+        built_on, runs_on,
+        "built on Debian {built_on} ({build}), run on Debian {runs_on} ({run})"
+    );
+    assert!(
+        runs_on >= OLDEST_SUPPORTED_DEBIAN,
+        "Debian {runs_on} ({run}) is past distroless's support"
     );
 }
 

@@ -54,7 +54,8 @@ fn head_requests_answer_200_without_body() {
 #[test]
 fn unknown_path_is_404() {
     let server = Server::start(&[]);
-    for path in ["/nope", "/healthz/extra", "/index.html"] {
+    // /metrics too: it is served on METRICS_PORT alone (tests/metrics.rs).
+    for path in ["/nope", "/healthz/extra", "/index.html", "/metrics"] {
         let resp = get(server.addr, path);
         assert_eq!(resp.status, 404, "GET {path}: {resp:?}");
         resp.assert_connection_close();

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use support::{
-    Client, Ended, RawFrame, Server, TIMEOUT, parse_frames, raw_connect, raw_handshake,
-    read_until_closed,
+    Client, Ended, RawFrame, Server, TIMEOUT, WITH_METRICS, parse_frames, raw_connect,
+    raw_handshake, read_until_closed,
 };
 use tungstenite::Message;
 
@@ -127,6 +127,7 @@ fn stuck_client_is_dropped_without_delaying_others() {
     const N: u64 = 3000;
     const BATCH: u64 = 100;
     let server = Server::start(&[
+        WITH_METRICS,
         ("ALERTS_PER_SECOND", "100000"),
         ("ALERT_BURST", "100000"),
         ("STORM_ALERTS_PER_SECOND", "100000"),
@@ -195,7 +196,7 @@ fn stuck_client_is_dropped_without_delaying_others() {
     eprintln!("{N} alerts fanned out in {elapsed:?}");
 
     // /metrics counted the drop, and only that one.
-    let metrics = support::get(server.addr, "/metrics").body_text();
+    let metrics = server.scrape().body_text();
     assert!(
         metrics
             .lines()

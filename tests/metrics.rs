@@ -1,18 +1,21 @@
 //! GET /metrics (issue 7): Prometheus text format, with the counters moving
-//! as clients connect, send, get refused and leave.
+//! as clients connect, send, get refused and leave; served on METRICS_PORT
+//! alone (issue 13), never on the public PORT.
 
 mod support;
 
 use std::collections::{BTreeMap, HashSet};
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use pubsub_test_server::{Options, PubSubTestServer};
-use support::{Server, emulator_env, get};
+use support::{Server, TIMEOUT, WITH_METRICS, emulator_env, get, http, http_raw, listening_ports};
 
 /// The samples, by series (name plus labels), after checking that every
 /// family has `# HELP` and `# TYPE`.
 fn scrape(server: &Server) -> BTreeMap<String, f64> {
-    let response = get(server.addr, "/metrics");
+    let response = server.scrape();
     assert_eq!(response.status, 200);
     assert_eq!(
         response.header("Content-Type"),
@@ -77,6 +80,7 @@ fn wait_value(server: &Server, series: &str, expected: f64) {
 #[test]
 fn counters_follow_clients_alerts_and_refusals() {
     let server = Server::start(&[
+        WITH_METRICS,
         ("FLY_REGION", "ams"),
         ("ALERT_BURST", "1"),
         ("ALERTS_PER_SECOND", "0.001"),
@@ -133,6 +137,7 @@ fn pubsub_calls_are_timed_and_their_errors_counted() {
     let mut env = emulator_env(ts.addr(), "aaaa0009", "ams");
     // No heartbeats: the publish counts below are the alert's alone.
     env.push(("PRESENCE_INTERVAL_SECS".into(), "0".into()));
+    env.push((WITH_METRICS.0.into(), WITH_METRICS.1.into()));
     let server = Server::start_owned(&env);
     server.wait_ready(Duration::from_secs(10));
     assert!(ts.wait_for(Duration::from_secs(5), |s| s.held_pulls()
@@ -163,12 +168,120 @@ fn pubsub_calls_are_timed_and_their_errors_counted() {
 }
 
 #[test]
-fn metrics_answer_get_and_head_only() {
-    let server = Server::start(&[]);
-    let response = support::http(server.addr, "POST", "/metrics");
+fn metrics_port_answers_get_and_head_of_metrics_only() {
+    let server = Server::start(&[WITH_METRICS]);
+    let metrics = server.metrics_addr();
+    let response = http(metrics, "POST", "/metrics");
     assert_eq!(response.status, 405);
     assert_eq!(response.header("Allow"), Some("GET, HEAD"));
-    let head = support::http(server.addr, "HEAD", "/metrics");
+    response.assert_connection_close();
+    let head = http(metrics, "HEAD", "/metrics");
     assert_eq!(head.status, 200);
     assert!(head.body.is_empty());
+    // The metrics port serves nothing else, and nothing of PORT's.
+    for path in ["/", "/healthz", "/readyz", "/ws", "/metrics/x"] {
+        let response = get(metrics, path);
+        assert_eq!(response.status, 404, "GET {path} on the metrics port");
+        response.assert_connection_close();
+    }
+    assert_eq!(http_raw(metrics, b"\x00\x01garbage\r\n\r\n").status, 400);
+    assert_eq!(server.scrape().status, 200, "still serving after all that");
+}
+
+#[test]
+fn metrics_are_never_served_on_the_public_port() {
+    let server = Server::start(&[WITH_METRICS]);
+    assert_ne!(server.metrics_addr().port(), server.addr.port());
+    assert_eq!(server.scrape().status, 200);
+    for method in ["GET", "HEAD", "POST"] {
+        let response = http(server.addr, method, "/metrics");
+        assert_eq!(response.status, 404, "{method} /metrics on PORT");
+    }
+    // What stays on PORT.
+    for path in ["/", "/healthz", "/readyz"] {
+        assert_eq!(get(server.addr, path).status, 200, "GET {path} on PORT");
+    }
+    server.client().send_alert(1);
+    // The process listens on exactly the two ports.
+    let mut expected = vec![server.addr.port(), server.metrics_addr().port()];
+    expected.sort_unstable();
+    assert_eq!(listening_ports(server.process.pid()), expected);
+}
+
+#[test]
+fn without_metrics_port_nothing_serves_metrics() {
+    // Unset, or empty (how a shell or fly.toml says "not set").
+    for env in [&[][..], &[("METRICS_PORT", "")][..]] {
+        let server = Server::start(env);
+        assert!(
+            server
+                .logs()
+                .contains("metrics: off (METRICS_PORT unset or empty)"),
+            "{env:?}: {}",
+            server.logs()
+        );
+        assert!(!server.logs().contains("metrics on http://"), "{env:?}");
+        assert_eq!(get(server.addr, "/metrics").status, 404, "{env:?}");
+        // No listener besides PORT's: several instances on one host do not
+        // collide over a metrics port.
+        assert_eq!(
+            listening_ports(server.process.pid()),
+            [server.addr.port()],
+            "{env:?}"
+        );
+    }
+}
+
+#[test]
+fn a_busy_metrics_port_is_logged_and_the_server_carries_on() {
+    let taken = TcpListener::bind("127.0.0.1:0").expect("bind a port to take");
+    let port = taken.local_addr().expect("its address").port().to_string();
+    let server = Server::start(&[("METRICS_PORT", &port)]);
+    let line = format!("cannot listen for metrics on port {port}");
+    assert!(
+        server.wait_for_log(&line, TIMEOUT) && server.logs().contains("metrics off"),
+        "{}",
+        server.logs()
+    );
+    assert_eq!(get(server.addr, "/readyz").status, 200);
+    let mut c = server.client();
+    c.send_alert(7);
+    assert_eq!(c.next_alert()["timestamp"], 7);
+    assert_eq!(listening_ports(server.process.pid()), [server.addr.port()]);
+}
+
+#[test]
+fn a_stalled_scraper_holds_up_no_one_but_the_next_scrape() {
+    let server = Server::start(&[WITH_METRICS]);
+    let metrics = server.metrics_addr();
+    // A scraper that never finishes its request.
+    let mut stalled = TcpStream::connect(metrics).expect("connect");
+    stalled.write_all(b"GET /metr").expect("write");
+    // The public port does not wait for it...
+    let started = Instant::now();
+    assert_eq!(get(server.addr, "/healthz").status, 200);
+    let mut c = server.client();
+    c.send_alert(1);
+    assert_eq!(c.next_alert()["timestamp"], 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "PORT waited {:?} behind the metrics port",
+        started.elapsed()
+    );
+    // ...and the metrics port drops it after its timeout (2 s) and answers
+    // the next scrape.
+    assert_eq!(server.scrape().status, 200);
+    stalled
+        .set_read_timeout(Some(TIMEOUT))
+        .expect("set a read timeout");
+    let mut rest = Vec::new();
+    // Closed without an answer: EOF, or a reset for the bytes it never read.
+    let closed = match std::io::Read::read_to_end(&mut stalled, &mut rest) {
+        Ok(_) => rest.is_empty(),
+        Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+    };
+    assert!(
+        closed,
+        "the stalled scraper is still connected, or was answered: {rest:?}"
+    );
 }

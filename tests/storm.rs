@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use pubsub_test_server::{Options, PubSubTestServer};
 use serde_json::{Value, json};
-use support::{Client, Server, connect_from, connect_since, emulator_env, get, person};
+use support::{Client, Server, WITH_METRICS, connect_from, connect_since, emulator_env, person};
 
 /// Long enough for a storm's last summary on a busy 2-core machine.
 const ACCOUNTING_TIMEOUT: Duration = Duration::from_secs(10);
@@ -139,7 +139,7 @@ fn press(c: &mut Client) {
 }
 
 fn metric(server: &Server, name: &str) -> f64 {
-    let text = get(server.addr, "/metrics").body_text();
+    let text = server.scrape().body_text();
     text.lines()
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
@@ -149,6 +149,7 @@ fn metric(server: &Server, name: &str) -> f64 {
 fn a_storm_reaches_every_client_exactly_once_as_alerts_and_summaries() {
     const PRESSERS: usize = 30;
     let server = Server::start(&[
+        WITH_METRICS,
         ("FLY_REGION", "syd"),
         ("STORM_ALERTS_PER_SECOND", "3"),
         ("STORM_SUMMARY_MS", "100"),
@@ -209,7 +210,7 @@ fn every_press_within_its_limit_is_accepted_when_everyone_presses() {
     // rest into the summary instead of refusing them.
     const PEOPLE: usize = 250;
     const BURST: usize = 5;
-    let server = Server::start(&[("STORM_SUMMARY_MS", "100")]);
+    let server = Server::start(&[WITH_METRICS, ("STORM_SUMMARY_MS", "100")]);
     let mut people: Vec<Client> = (0..PEOPLE)
         .map(|n| connect_from(server.addr, person(n)))
         .collect();
@@ -234,7 +235,8 @@ fn every_press_within_its_limit_is_accepted_when_everyone_presses() {
         metric(&server, "skywatch_alerts_received_total"),
         expected as f64
     );
-    let refused = get(server.addr, "/metrics")
+    let refused = server
+        .scrape()
         .body_text()
         .lines()
         .filter(|l| l.starts_with("skywatch_messages_rejected_total{"))
@@ -359,6 +361,7 @@ fn a_client_can_come_back_after_a_summary_and_gets_what_followed() {
 #[test]
 fn waiting_frames_go_out_in_one_batch_with_the_same_bytes() {
     let server = Server::start(&[
+        WITH_METRICS,
         ("ALERTS_PER_SECOND", "100000"),
         ("ALERT_BURST", "100000"),
         ("STORM_ALERTS_PER_SECOND", "100000"),

@@ -364,6 +364,27 @@ impl Server {
         connect_ready(self.addr)
     }
 
+    /// The metrics listener's address, from its `metrics on http://ADDR/metrics`
+    /// line (start the server with [`WITH_METRICS`]).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let (text, found) = self
+            .process
+            .stderr
+            .wait_until(Instant::now() + TIMEOUT, |t| {
+                parse_addr_after(t, METRICS_NEEDLE).is_some()
+            });
+        assert!(
+            found,
+            "no `{METRICS_NEEDLE}ADDR` line (was the server started WITH_METRICS?)\n{text}"
+        );
+        parse_addr_after(&text, METRICS_NEEDLE).unwrap()
+    }
+
+    /// `GET /metrics` on the metrics listener.
+    pub fn scrape(&self) -> HttpResponse {
+        get(self.metrics_addr(), "/metrics")
+    }
+
     /// Polls `/readyz` until it answers 200 (readiness has no event to wait
     /// on), panicking with the server's log after `within`.
     pub fn wait_ready(&self, within: Duration) {
@@ -381,6 +402,53 @@ impl Server {
             thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Gives a test server a metrics listener on a free port, as PORT=0 does
+/// for its main one; [`Server::metrics_addr`] finds it in the log.
+pub const WITH_METRICS: (&str, &str) = ("METRICS_PORT", "0");
+
+const METRICS_NEEDLE: &str = "metrics on http://";
+
+/// The TCP ports process `pid` listens on, from /proc: its sockets' inodes
+/// matched against the kernel's tables of listening sockets. Sorted.
+pub fn listening_ports(pid: i32) -> Vec<u16> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("cannot list /proc/{pid}/fd: {e}"));
+    let inodes: BTreeSet<String> = fds
+        .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_string_lossy();
+            Some(
+                target
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')?
+                    .to_owned(),
+            )
+        })
+        .collect();
+    let mut ports = Vec::new();
+    for table in ["tcp", "tcp6"] {
+        let path = format!("/proc/{pid}/net/{table}");
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue; // no IPv6 on this host: no tcp6 table
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... inode (the 10th field);
+            // st 0A is LISTEN.
+            if fields.len() > 9 && fields[3] == "0A" && inodes.contains(fields[9]) {
+                let port = fields[1].rsplit(':').next().unwrap_or_default();
+                ports.push(
+                    u16::from_str_radix(port, 16)
+                        .unwrap_or_else(|_| panic!("bad port in {path}: {line}")),
+                );
+            }
+        }
+    }
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }
 
 /// The project every Pub/Sub test uses.
@@ -404,10 +472,14 @@ pub fn emulator_env(emulator: SocketAddr, alloc: &str, region: &str) -> Vec<(Str
 
 /// Finds `listening on http://ADDR` in `text` and parses ADDR.
 pub fn parse_listen_addr(text: &str) -> Option<SocketAddr> {
-    const NEEDLE: &str = "listening on http://";
+    parse_addr_after(text, "listening on http://")
+}
+
+/// Finds `needle` followed by an address in `text` and parses the address.
+fn parse_addr_after(text: &str, needle: &str) -> Option<SocketAddr> {
     for line in text.lines() {
-        if let Some(i) = line.find(NEEDLE) {
-            let rest = &line[i + NEEDLE.len()..];
+        if let Some(i) = line.find(needle) {
+            let rest = &line[i + needle.len()..];
             let token: String = rest
                 .chars()
                 .take_while(|c| c.is_ascii_hexdigit() || matches!(c, '.' | ':' | '[' | ']'))
