@@ -53,6 +53,10 @@ fn emulator_env(ts: &PubSubTestServer, alloc: &str, region: &str) -> Vec<(String
         // and calls, so they run without them (tests/presence.rs has
         // heartbeats through Pub/Sub).
         ("PRESENCE_INTERVAL_SECS".into(), "0".into()),
+        (
+            support::WITH_METRICS.0.into(),
+            support::WITH_METRICS.1.into(),
+        ),
     ]);
     env
 }

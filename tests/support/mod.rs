@@ -346,9 +346,10 @@ impl Server {
 
     /// The value of the metric sample `sample` (a name, with its labels if
     /// any, e.g. `skywatch_alerts_unpublished_total{reason="expired"}`) from
-    /// this instance's /metrics; panics if it is missing.
+    /// this instance's /metrics (start it [`WITH_METRICS`]); panics if it
+    /// is missing.
     pub fn metric(&self, sample: &str) -> u64 {
-        let text = get(self.addr, "/metrics").body_text();
+        let text = self.scrape().body_text();
         text.lines()
             .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no {sample} in /metrics:\n{text}"))
