@@ -259,9 +259,11 @@ impl PubSubBroker {
             .name("pubsub-publisher".into())
             .spawn({
                 let (api, health) = (Arc::clone(&api), Arc::clone(&health));
+                let pullers = Arc::clone(&pullers);
                 move || {
                     let publisher = Publisher {
                         api: &api,
+                        subscription: &pullers.subscription,
                         health: &health,
                         stop: &stop_rx,
                         deadline: None,
@@ -394,6 +396,8 @@ impl PublishQueue {
 /// each batch until Pub/Sub takes it.
 struct Publisher<'a> {
     api: &'a Api,
+    /// To reattach the subscription after recreating a deleted topic.
+    subscription: &'a SubscriptionState,
     health: &'a Health,
     stop: &'a Receiver<Instant>,
     /// Set when shutdown begins: publish what is queued until then.
@@ -501,11 +505,12 @@ impl Publisher<'_> {
                     // instances reattach theirs within SUBSCRIPTION_CHECK;
                     // alerts in between miss them.
                     crate::warn!("topic {} is missing; creating it", self.api.topic);
-                    if let Err(err) = self
-                        .api
-                        .create_topic()
-                        .and_then(|()| self.api.reattach_subscription())
-                    {
+                    let api = self.api;
+                    let recreated = self.subscription.unless_stopping(|| {
+                        api.create_topic()
+                            .and_then(|()| api.reattach_subscription())
+                    });
+                    if let Some(Err(err)) = recreated {
                         crate::warn!("cannot recreate topic {}: {err}", self.api.topic);
                     }
                 }
@@ -609,7 +614,9 @@ fn puller(api: &Api, deliveries: &Sender<Delivery>, pullers: &Pullers, health: &
                 // A quiet subscription may be one detached from a deleted and
                 // recreated topic: look, once in a while.
                 if pullers.check_due()
-                    && let Err(err) = api.reattach_subscription()
+                    && let Some(Err(err)) = pullers
+                        .subscription
+                        .unless_stopping(|| api.reattach_subscription())
                 {
                     crate::warn!("cannot check subscription {}: {err}", api.subscription);
                 }
@@ -765,10 +772,10 @@ impl SubscriptionState {
         }
         state.in_progress = true;
         drop(state);
+        let working = InProgress(self);
         let created = api.create_topic().and_then(|()| api.create_subscription());
+        drop(working);
         let mut state = lock(&self.state);
-        state.in_progress = false;
-        self.changed.notify_all();
         if state.stopping {
             return Subscribed::Stopping; // shutdown deletes it after this
         }
@@ -801,6 +808,26 @@ impl SubscriptionState {
         }
     }
 
+    /// Runs `work` on the subscription (a check, a reattach) unless shutdown
+    /// has begun, never alongside a create; shutdown waits for it to finish,
+    /// so its delete is still the last word.
+    fn unless_stopping<T>(&self, work: impl FnOnce() -> T) -> Option<T> {
+        let mut state = lock(&self.state);
+        while state.in_progress && !state.stopping {
+            state = self
+                .changed
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        if state.stopping {
+            return None;
+        }
+        state.in_progress = true;
+        drop(state);
+        let _working = InProgress(self);
+        Some(work())
+    }
+
     /// A pull found the subscription gone: the next `ensure` recreates it.
     fn lost(&self) {
         lock(&self.state).subscribed = false;
@@ -826,6 +853,17 @@ impl SubscriptionState {
                 .unwrap_or_else(|poisoned| poisoned.into_inner())
                 .0;
         }
+    }
+}
+
+/// Marks the end of work on the subscription, even if it panicked: pullers
+/// waiting for it, and shutdown, must not wait forever.
+struct InProgress<'a>(&'a SubscriptionState);
+
+impl Drop for InProgress<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.state).in_progress = false;
+        self.0.changed.notify_all();
     }
 }
 
