@@ -21,6 +21,7 @@ mod ratelimit;
 mod recovery;
 mod socket;
 mod storm;
+mod unix_http;
 
 use broker::Broker;
 use broker::local::LocalBroker;
