@@ -6,7 +6,7 @@
 //! A bad value stops the server before it binds anything: better a crash loop
 //! with a clear message in `fly logs` than an instance running on a guess.
 
-use crate::auth::ServiceAccount;
+use crate::auth::{Credentials, ServiceAccount, WorkloadIdentity};
 use crate::log::Level;
 use std::fmt;
 use std::net::IpAddr;
@@ -131,9 +131,36 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
         "the service-account key's JSON itself (a Fly secret)",
     ),
     (
+        "GOOGLE_WORKLOAD_IDENTITY_PROVIDER",
+        "unset",
+        "keyless auth on Fly: the workload identity provider's full name, \
+         projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER \
+         (needs PUBSUB_PROJECT_ID)",
+    ),
+    (
+        "GOOGLE_IMPERSONATE_SERVICE_ACCOUNT",
+        "unset",
+        "keyless auth: act as this service account (its email); unset: as the federated identity",
+    ),
+    (
+        "FLY_API_SOCKET",
+        "/.fly/api",
+        "the Fly Machine API's Unix socket, which hands out the Machine's OIDC token (keyless auth)",
+    ),
+    (
+        "GOOGLE_STS_ENDPOINT",
+        "https://sts.googleapis.com",
+        "Security Token Service base URL (keyless auth)",
+    ),
+    (
+        "GOOGLE_IAMCREDENTIALS_ENDPOINT",
+        "https://iamcredentials.googleapis.com",
+        "IAM Service Account Credentials base URL (keyless auth with impersonation)",
+    ),
+    (
         "PUBSUB_PROJECT_ID",
         "the key's project_id",
-        "Google Cloud project (GOOGLE_CLOUD_PROJECT is also read)",
+        "Google Cloud project (GOOGLE_CLOUD_PROJECT is also read; keyless auth needs one of them)",
     ),
     (
         "PUBSUB_TOPIC",
@@ -159,12 +186,15 @@ pub const VARIABLES: &[(&str, &str, &str)] = &[
 
 /// The key file the original demo read, used when no variable names a key.
 const DEFAULT_KEY_FILE: &str = "google-service-account.json";
+/// Where a Fly Machine reaches its Machine API.
+const DEFAULT_FLY_API_SOCKET: &str = "/.fly/api";
 
 /// Variables whose presence asks for the Pub/Sub broker.
 const PUBSUB_VARIABLES: &[&str] = &[
     "PUBSUB_EMULATOR_HOST",
     "GOOGLE_APPLICATION_CREDENTIALS",
     "GOOGLE_SERVICE_ACCOUNT_JSON",
+    "GOOGLE_WORKLOAD_IDENTITY_PROVIDER",
 ];
 
 #[derive(Debug)]
@@ -215,7 +245,7 @@ pub enum BrokerChoice {
 pub struct PubSubChoice {
     pub endpoint: String,
     /// None for an emulator.
-    pub account: Option<ServiceAccount>,
+    pub credentials: Option<Credentials>,
     pub project: String,
     pub topic: String,
     pub subscription: String,
@@ -477,12 +507,9 @@ fn choose_broker(
         value: lookup(name).filter(|v| !v.is_empty()),
     };
     let emulator = var("PUBSUB_EMULATOR_HOST");
-    let key_path = var("GOOGLE_APPLICATION_CREDENTIALS");
-    let key_json = var("GOOGLE_SERVICE_ACCOUNT_JSON");
     let endpoint = var("PUBSUB_ENDPOINT");
-    let default_key = std::path::Path::new(DEFAULT_KEY_FILE);
 
-    let (account, endpoint, reason) = if let Some(host) = &emulator.value {
+    let (credentials, endpoint, reason) = if let Some(host) = &emulator.value {
         // Google's convention: host:port, plain http, no credentials.
         let valid = !host.contains("://")
             && host
@@ -491,41 +518,18 @@ fn choose_broker(
         if !valid {
             return Err(emulator.error("expected host:port (no scheme), e.g. localhost:8085"));
         }
-        (
-            None,
-            format!("http://{host}"),
-            format!("PUBSUB_EMULATOR_HOST={host}: emulator, no auth"),
-        )
+        let mut reason = format!("PUBSUB_EMULATOR_HOST={host}: emulator, no auth");
+        let unused: Vec<&str> = CREDENTIAL_VARIABLES
+            .iter()
+            .copied()
+            .filter(|name| var(name).value.is_some())
+            .collect();
+        if !unused.is_empty() {
+            reason.push_str(&format!(" ({} not used)", unused.join(", ")));
+        }
+        (None, format!("http://{host}"), reason)
     } else {
-        let (account, source) = if let Some(path) = &key_path.value {
-            let text = std::fs::read_to_string(path)
-                .map_err(|err| key_path.error(&format!("cannot read the key file: {err}")))?;
-            let account = ServiceAccount::from_json(&text).map_err(|why| key_path.error(&why))?;
-            (account, format!("GOOGLE_APPLICATION_CREDENTIALS={path}"))
-        } else if let Some(text) = &key_json.value {
-            // The value is the key itself: never echo it.
-            let hidden = |why: String| ConfigError {
-                variable: key_json.name,
-                value: "(hidden)".into(),
-                reason: why,
-            };
-            (
-                ServiceAccount::from_json(text).map_err(hidden)?,
-                "GOOGLE_SERVICE_ACCOUNT_JSON".to_string(),
-            )
-        } else if default_key.exists() {
-            let text = std::fs::read_to_string(default_key).map_err(|err| ConfigError {
-                variable: "GOOGLE_APPLICATION_CREDENTIALS",
-                value: format!("(unset; found ./{DEFAULT_KEY_FILE})"),
-                reason: format!("cannot read ./{DEFAULT_KEY_FILE}: {err}"),
-            })?;
-            let account = ServiceAccount::from_json(&text).map_err(|why| ConfigError {
-                variable: "GOOGLE_APPLICATION_CREDENTIALS",
-                value: format!("(unset; found ./{DEFAULT_KEY_FILE})"),
-                reason: why,
-            })?;
-            (account, format!("./{DEFAULT_KEY_FILE}"))
-        } else {
+        let Some((credentials, reason)) = credentials(&var)? else {
             if endpoint.value.is_some() || var("PUBSUB_PROJECT_ID").value.is_some() {
                 let named = if endpoint.value.is_some() {
                     endpoint
@@ -533,7 +537,8 @@ fn choose_broker(
                     var("PUBSUB_PROJECT_ID")
                 };
                 return Err(named.error(
-                    "Pub/Sub needs credentials: set GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_SERVICE_ACCOUNT_JSON (or PUBSUB_EMULATOR_HOST)",
+                    "Pub/Sub needs credentials: set GOOGLE_WORKLOAD_IDENTITY_PROVIDER (keyless), \
+                     GOOGLE_APPLICATION_CREDENTIALS or GOOGLE_SERVICE_ACCOUNT_JSON (or PUBSUB_EMULATOR_HOST)",
                 ));
             }
             return Ok(BrokerChoice::Local {
@@ -543,24 +548,29 @@ fn choose_broker(
                 ),
             });
         };
-        let base = match &endpoint.value {
-            Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
-                url.trim_end_matches('/').to_string()
-            }
-            Some(_) => return Err(endpoint.error("expected an http:// or https:// URL")),
-            None => "https://pubsub.googleapis.com".to_string(),
-        };
-        let reason = format!("credentials from {source} for {}", account.client_email);
-        (Some(account), base, reason)
+        let base = base_url(&endpoint, "https://pubsub.googleapis.com")?;
+        (Some(credentials), base, reason)
     };
 
     let project_var = var("PUBSUB_PROJECT_ID");
+    let key_project = match &credentials {
+        Some(Credentials::Key(account)) => account.project_id.clone(),
+        _ => None,
+    };
     let project = project_var
         .value
         .clone()
         .or_else(|| var("GOOGLE_CLOUD_PROJECT").value)
-        .or_else(|| account.as_ref().and_then(|a| a.project_id.clone()))
-        .ok_or_else(|| project_var.error("no Google Cloud project: set PUBSUB_PROJECT_ID"))?;
+        .or(key_project)
+        .ok_or_else(|| {
+            project_var.error(match credentials {
+                Some(Credentials::Keyless(_)) => {
+                    "keyless auth has no key file to take the project from: \
+                     set PUBSUB_PROJECT_ID (or GOOGLE_CLOUD_PROJECT)"
+                }
+                _ => "no Google Cloud project: set PUBSUB_PROJECT_ID",
+            })
+        })?;
     if project.is_empty()
         || !project
             .chars()
@@ -594,7 +604,7 @@ fn choose_broker(
     )?;
     let settings = PubSubChoice {
         endpoint,
-        account,
+        credentials,
         project,
         topic,
         subscription: subscription_id(instance_id),
@@ -605,6 +615,140 @@ fn choose_broker(
         settings: Box::new(settings),
         reason,
     })
+}
+
+/// Variables that say how to authenticate (the emulator uses none of them).
+const CREDENTIAL_VARIABLES: &[&str] = &[
+    "GOOGLE_APPLICATION_CREDENTIALS",
+    "GOOGLE_SERVICE_ACCOUNT_JSON",
+    "GOOGLE_WORKLOAD_IDENTITY_PROVIDER",
+    "GOOGLE_IMPERSONATE_SERVICE_ACCOUNT",
+];
+
+/// The credentials Pub/Sub is called with, and a line for the log saying
+/// which (never what they contain); None when none are configured.
+///
+/// Precedence: keyless auth (GOOGLE_WORKLOAD_IDENTITY_PROVIDER), else
+/// GOOGLE_APPLICATION_CREDENTIALS, else GOOGLE_SERVICE_ACCOUNT_JSON, else
+/// ./google-service-account.json. A variable set on purpose beats a file
+/// that merely lies in the working directory. But a provider together with a
+/// key variable is refused: someone moving to keyless auth who left the key
+/// secret behind would otherwise keep a long-lived key in use without
+/// knowing which of the two is.
+fn credentials(
+    var: &impl Fn(&'static str) -> Var,
+) -> Result<Option<(Credentials, String)>, ConfigError> {
+    let key_path = var("GOOGLE_APPLICATION_CREDENTIALS");
+    let key_json = var("GOOGLE_SERVICE_ACCOUNT_JSON");
+    let provider = var("GOOGLE_WORKLOAD_IDENTITY_PROVIDER");
+    let impersonate = var("GOOGLE_IMPERSONATE_SERVICE_ACCOUNT");
+    if provider.value.is_some() {
+        if let Some(key) = [&key_path, &key_json].iter().find(|v| v.value.is_some()) {
+            return Err(provider.error(&format!(
+                "{} is set too: keyless auth or a key, not both (unset one of them)",
+                key.name
+            )));
+        }
+        return keyless(var, &provider, &impersonate).map(Some);
+    }
+    if impersonate.value.is_some() {
+        return Err(impersonate.error(
+            "only used with GOOGLE_WORKLOAD_IDENTITY_PROVIDER (keyless auth); a key is already a service account's",
+        ));
+    }
+    let default_key = std::path::Path::new(DEFAULT_KEY_FILE);
+    let (account, source) = if let Some(path) = &key_path.value {
+        let text = std::fs::read_to_string(path)
+            .map_err(|err| key_path.error(&format!("cannot read the key file: {err}")))?;
+        let account = ServiceAccount::from_json(&text).map_err(|why| key_path.error(&why))?;
+        (account, format!("GOOGLE_APPLICATION_CREDENTIALS={path}"))
+    } else if let Some(text) = &key_json.value {
+        // The value is the key itself: never echo it.
+        let hidden = |why: String| ConfigError {
+            variable: key_json.name,
+            value: "(hidden)".into(),
+            reason: why,
+        };
+        (
+            ServiceAccount::from_json(text).map_err(hidden)?,
+            "GOOGLE_SERVICE_ACCOUNT_JSON".to_string(),
+        )
+    } else if default_key.exists() {
+        let text = std::fs::read_to_string(default_key).map_err(|err| ConfigError {
+            variable: "GOOGLE_APPLICATION_CREDENTIALS",
+            value: format!("(unset; found ./{DEFAULT_KEY_FILE})"),
+            reason: format!("cannot read ./{DEFAULT_KEY_FILE}: {err}"),
+        })?;
+        let account = ServiceAccount::from_json(&text).map_err(|why| ConfigError {
+            variable: "GOOGLE_APPLICATION_CREDENTIALS",
+            value: format!("(unset; found ./{DEFAULT_KEY_FILE})"),
+            reason: why,
+        })?;
+        (account, format!("./{DEFAULT_KEY_FILE}"))
+    } else {
+        return Ok(None);
+    };
+    let reason = format!("credentials from {source} for {}", account.client_email);
+    Ok(Some((Credentials::Key(account), reason)))
+}
+
+/// Keyless auth: everything that can be checked before the first token
+/// request is checked here, so a typo stops the server at start (exit 2)
+/// instead of failing every exchange at run time.
+fn keyless(
+    var: &impl Fn(&'static str) -> Var,
+    provider: &Var,
+    impersonate: &Var,
+) -> Result<(Credentials, String), ConfigError> {
+    let name = provider.value.clone().unwrap_or_default();
+    WorkloadIdentity::check_provider(&name).map_err(|why| provider.error(&why))?;
+    if let Some(email) = &impersonate.value {
+        WorkloadIdentity::check_service_account_email(email)
+            .map_err(|why| impersonate.error(&why))?;
+    }
+    let socket = var("FLY_API_SOCKET");
+    let fly_api_socket = match &socket.value {
+        None => std::path::PathBuf::from(DEFAULT_FLY_API_SOCKET),
+        Some(path) if path.starts_with('/') => std::path::PathBuf::from(path),
+        Some(_) => {
+            return Err(socket.error("expected the absolute path of a Unix socket, e.g. /.fly/api"));
+        }
+    };
+    let identity = WorkloadIdentity {
+        provider: name,
+        impersonate: impersonate.value.clone(),
+        fly_api_socket,
+        sts_endpoint: base_url(&var("GOOGLE_STS_ENDPOINT"), "https://sts.googleapis.com")?,
+        iamcredentials_endpoint: base_url(
+            &var("GOOGLE_IAMCREDENTIALS_ENDPOINT"),
+            "https://iamcredentials.googleapis.com",
+        )?,
+    };
+    let acting = match &identity.impersonate {
+        Some(email) => format!("impersonating {email}"),
+        None => "as the federated identity (no impersonation)".to_string(),
+    };
+    let mut reason = format!(
+        "keyless auth (Workload Identity Federation) through provider {}, {acting}, \
+         with the Machine's OIDC token from {}",
+        identity.provider,
+        identity.fly_api_socket.display()
+    );
+    if std::path::Path::new(DEFAULT_KEY_FILE).exists() {
+        reason.push_str(&format!(" (./{DEFAULT_KEY_FILE} not used)"));
+    }
+    Ok((Credentials::Keyless(identity), reason))
+}
+
+/// An http(s) base URL from `var`, without a trailing slash, or `default`.
+fn base_url(var: &Var, default: &str) -> Result<String, ConfigError> {
+    match &var.value {
+        Some(url) if url.starts_with("https://") || url.starts_with("http://") => {
+            Ok(url.trim_end_matches('/').to_string())
+        }
+        Some(_) => Err(var.error("expected an http:// or https:// URL")),
+        None => Ok(default.to_string()),
+    }
 }
 
 const RESOURCE_ID_RULES: &str = "a Pub/Sub id starts with a letter, has 3-255 of A-Z a-z 0-9 - _ . ~ + %, and does not start with goog";
@@ -701,7 +845,7 @@ mod tests {
             panic!("expected Pub/Sub")
         };
         assert_eq!(settings.endpoint, "http://localhost:8085");
-        assert!(settings.account.is_none());
+        assert!(settings.credentials.is_none());
         assert_eq!(
             (settings.project.as_str(), settings.topic.as_str()),
             ("demo", "ALIEN_NOTIFICATIONS")
@@ -714,6 +858,165 @@ mod tests {
         ])
         .unwrap_err();
         assert_eq!(err.variable, "PUBSUB_EMULATOR_HOST");
+    }
+
+    const PROVIDER: &str =
+        "projects/123456789012/locations/global/workloadIdentityPools/fly-pool/providers/fly-org";
+
+    #[test]
+    fn a_workload_identity_provider_selects_keyless_pubsub() {
+        let c = config(&[
+            ("GOOGLE_WORKLOAD_IDENTITY_PROVIDER", PROVIDER),
+            ("PUBSUB_PROJECT_ID", "demo"),
+        ])
+        .unwrap();
+        let BrokerChoice::PubSub { settings, reason } = c.broker else {
+            panic!("expected Pub/Sub")
+        };
+        let Some(Credentials::Keyless(identity)) = &settings.credentials else {
+            panic!("expected keyless credentials")
+        };
+        assert_eq!(identity.provider, PROVIDER);
+        assert_eq!(identity.impersonate, None);
+        assert_eq!(identity.fly_api_socket, std::path::Path::new("/.fly/api"));
+        assert_eq!(identity.sts_endpoint, "https://sts.googleapis.com");
+        assert_eq!(
+            identity.iamcredentials_endpoint,
+            "https://iamcredentials.googleapis.com"
+        );
+        assert_eq!(settings.endpoint, "https://pubsub.googleapis.com");
+        assert!(
+            reason.contains(PROVIDER) && reason.contains("no impersonation"),
+            "{reason}"
+        );
+
+        let c = config(&[
+            ("GOOGLE_WORKLOAD_IDENTITY_PROVIDER", PROVIDER),
+            ("GOOGLE_CLOUD_PROJECT", "demo"),
+            (
+                "GOOGLE_IMPERSONATE_SERVICE_ACCOUNT",
+                "sky@demo.iam.gserviceaccount.com",
+            ),
+            ("FLY_API_SOCKET", "/tmp/api.sock"),
+            ("GOOGLE_STS_ENDPOINT", "http://127.0.0.1:9/"),
+            ("GOOGLE_IAMCREDENTIALS_ENDPOINT", "http://127.0.0.1:9"),
+        ])
+        .unwrap();
+        let BrokerChoice::PubSub { settings, reason } = c.broker else {
+            panic!("expected Pub/Sub")
+        };
+        let Some(Credentials::Keyless(identity)) = &settings.credentials else {
+            panic!("expected keyless credentials")
+        };
+        assert_eq!(
+            identity.impersonate.as_deref(),
+            Some("sky@demo.iam.gserviceaccount.com")
+        );
+        assert_eq!(
+            identity.fly_api_socket,
+            std::path::Path::new("/tmp/api.sock")
+        );
+        assert_eq!(identity.sts_endpoint, "http://127.0.0.1:9");
+        assert_eq!(identity.iamcredentials_endpoint, "http://127.0.0.1:9");
+        assert_eq!(settings.project, "demo");
+        assert!(
+            reason.contains("impersonating sky@demo.iam.gserviceaccount.com"),
+            "{reason}"
+        );
+    }
+
+    #[test]
+    fn keyless_mistakes_are_named_at_start() {
+        let provider = ("GOOGLE_WORKLOAD_IDENTITY_PROVIDER", PROVIDER);
+        let project = ("PUBSUB_PROJECT_ID", "demo");
+        let cases: &[(&[(&str, &str)], &str)] = &[
+            (&[provider], "PUBSUB_PROJECT_ID"),
+            (
+                &[("GOOGLE_WORKLOAD_IDENTITY_PROVIDER", "fly-org"), project],
+                "GOOGLE_WORKLOAD_IDENTITY_PROVIDER",
+            ),
+            (
+                &[
+                    provider,
+                    project,
+                    ("GOOGLE_IMPERSONATE_SERVICE_ACCOUNT", "me@gmail.com"),
+                ],
+                "GOOGLE_IMPERSONATE_SERVICE_ACCOUNT",
+            ),
+            (
+                &[(
+                    "GOOGLE_IMPERSONATE_SERVICE_ACCOUNT",
+                    "sky@demo.iam.gserviceaccount.com",
+                )],
+                "GOOGLE_IMPERSONATE_SERVICE_ACCOUNT",
+            ),
+            (
+                &[provider, project, ("FLY_API_SOCKET", "fly/api")],
+                "FLY_API_SOCKET",
+            ),
+            (
+                &[
+                    provider,
+                    project,
+                    ("GOOGLE_STS_ENDPOINT", "sts.googleapis.com"),
+                ],
+                "GOOGLE_STS_ENDPOINT",
+            ),
+            (
+                &[
+                    provider,
+                    project,
+                    ("GOOGLE_IAMCREDENTIALS_ENDPOINT", "ftp://x"),
+                ],
+                "GOOGLE_IAMCREDENTIALS_ENDPOINT",
+            ),
+            (
+                &[
+                    provider,
+                    project,
+                    ("GOOGLE_APPLICATION_CREDENTIALS", "/key.json"),
+                ],
+                "GOOGLE_WORKLOAD_IDENTITY_PROVIDER",
+            ),
+        ];
+        for (vars, variable) in cases {
+            let err = config(vars).expect_err(variable);
+            assert_eq!(err.variable, *variable, "{vars:?}: {err}");
+        }
+        // Both a provider and an inline key: the key is named, never shown.
+        let err = config(&[
+            provider,
+            project,
+            (
+                "GOOGLE_SERVICE_ACCOUNT_JSON",
+                "{\"private_key\":\"SECRET\"}",
+            ),
+        ])
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("GOOGLE_SERVICE_ACCOUNT_JSON is set too"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("SECRET"), "{err}");
+    }
+
+    #[test]
+    fn the_emulator_takes_no_credentials_and_says_which_it_ignores() {
+        let c = config(&[
+            ("PUBSUB_EMULATOR_HOST", "localhost:8085"),
+            ("PUBSUB_PROJECT_ID", "demo"),
+            ("GOOGLE_WORKLOAD_IDENTITY_PROVIDER", PROVIDER),
+        ])
+        .unwrap();
+        let BrokerChoice::PubSub { settings, reason } = c.broker else {
+            panic!("expected Pub/Sub")
+        };
+        assert!(settings.credentials.is_none());
+        assert!(
+            reason.contains("emulator, no auth (GOOGLE_WORKLOAD_IDENTITY_PROVIDER not used)"),
+            "{reason}"
+        );
     }
 
     #[test]

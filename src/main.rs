@@ -105,7 +105,7 @@ fn run(config: Config) -> Result<(), String> {
             let settings = *settings;
             let settings = PubSubSettings {
                 endpoint: settings.endpoint,
-                tokens: settings.account.map(auth::TokenSource::new),
+                tokens: settings.credentials.map(auth::TokenSource::new),
                 project: settings.project,
                 topic: settings.topic,
                 subscription: settings.subscription,

@@ -2,7 +2,7 @@
 //! for server-to-server apps: sign a JWT with the key's RSA private key
 //! (RS256, `kid` = the key's id), exchange it at the key's `token_uri` for an
 //! OAuth 2.0 access token (the JWT-bearer grant), and send that token as
-//! `Authorization: Bearer` until shortly before it expires.
+//! `Authorization: Bearer` (cached by [`super::TokenSource`]).
 //!
 //! One crypto stack: ureq's TLS already runs on `ring`, so the JWT is signed
 //! with `ring` too, through jsonwebtoken's pluggable `CryptoProvider`, instead
@@ -19,13 +19,12 @@ use ring::rand::SystemRandom;
 use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
 use serde::Deserialize;
 use std::fmt;
-use std::sync::{Mutex, Once};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::Once;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub const PUBSUB_SCOPE: &str = "https://www.googleapis.com/auth/pubsub";
+use super::{Fresh, PUBSUB_SCOPE, parse_answer, post, refusal};
+
 const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
-/// Google's access tokens last an hour; take a new one this long before.
-const REFRESH_MARGIN: Duration = Duration::from_secs(300);
 
 /// A parsed service-account key file.
 pub struct ServiceAccount {
@@ -127,63 +126,10 @@ impl ServiceAccount {
     }
 }
 
-/// Access tokens for one service account, cached and shared by every thread
-/// that calls Google.
-pub struct TokenSource {
-    account: ServiceAccount,
-    agent: ureq::Agent,
-    cached: Mutex<Option<CachedToken>>,
-}
-
-struct CachedToken {
-    value: String,
-    refresh_at: Instant,
-}
-
-impl TokenSource {
-    pub fn new(account: ServiceAccount) -> TokenSource {
-        let agent = ureq::Agent::config_builder()
-            .timeout_global(Some(Duration::from_secs(10)))
-            .http_status_as_error(false)
-            .build()
-            .new_agent();
-        TokenSource {
-            account,
-            agent,
-            cached: Mutex::new(None),
-        }
-    }
-
-    /// A valid access token, fetched only when the cached one is near expiry.
-    /// Holding the lock while fetching makes concurrent callers wait for one
-    /// fetch instead of each making their own.
-    pub fn token(&self) -> Result<String, String> {
-        let mut cached = self
-            .cached
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(token) = cached.as_ref().filter(|t| Instant::now() < t.refresh_at) {
-            return Ok(token.value.clone());
-        }
-        let token = self.fetch()?;
-        let value = token.value.clone();
-        *cached = Some(token);
-        Ok(value)
-    }
-
-    /// Forgets `rejected` (a token the API answered 401 to), so the next call
-    /// fetches a new one.
-    pub fn invalidate(&self, rejected: &str) {
-        let mut cached = self
-            .cached
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if cached.as_ref().is_some_and(|t| t.value == rejected) {
-            *cached = None;
-        }
-    }
-
-    fn fetch(&self) -> Result<CachedToken, String> {
+impl ServiceAccount {
+    /// A new access token: the signed assertion, exchanged at the key's
+    /// `token_uri` (the JWT-bearer grant).
+    pub(super) fn fetch_token(&self, agent: &ureq::Agent) -> Result<Fresh, String> {
         #[derive(Deserialize)]
         struct TokenResponse {
             access_token: String,
@@ -192,38 +138,30 @@ impl TokenSource {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|_| "the clock is before 1970")?;
-        let assertion = self.account.assertion(now.as_secs())?;
+        let assertion = self.assertion(now.as_secs())?;
         let body = format!(
             "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion={assertion}"
         );
-        let uri = &self.account.token_uri;
-        let mut response = self
-            .agent
-            .post(uri)
-            .header("Content-Type", "application/x-www-form-urlencoded")
-            .send(body.as_bytes())
-            .map_err(|err| format!("token request to {uri} failed: {err}"))?;
-        let status = response.status().as_u16();
-        let text = response
-            .body_mut()
-            .with_config()
-            .limit(64 * 1024)
-            .read_to_string()
-            .map_err(|err| format!("token response from {uri} unreadable: {err}"))?;
+        let uri = &self.token_uri;
+        let (status, text) = post(
+            agent,
+            uri,
+            "application/x-www-form-urlencoded",
+            None,
+            body.as_bytes(),
+        )?;
         if status != 200 {
             // Google's OAuth errors say what is wrong (invalid_grant: bad
-            // signature, clock skew...) and contain no secret.
+            // signature, clock skew...).
             return Err(format!(
-                "token request to {uri} refused ({status}): {}",
-                text.trim()
+                "token request to {uri} refused: {}",
+                refusal(status, &text, &[&assertion])
             ));
         }
-        let token: TokenResponse = serde_json::from_str(&text)
-            .map_err(|err| format!("token response from {uri} malformed: {err}"))?;
-        let lifetime = Duration::from_secs(token.expires_in);
-        Ok(CachedToken {
+        let token: TokenResponse = parse_answer(&text, &format!("token response from {uri}"))?;
+        Ok(Fresh {
             value: token.access_token,
-            refresh_at: Instant::now() + lifetime.saturating_sub(REFRESH_MARGIN).max(lifetime / 2),
+            lifetime: Duration::from_secs(token.expires_in),
         })
     }
 }

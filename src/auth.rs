@@ -1,0 +1,230 @@
+//! Access tokens for Google APIs: one [`TokenSource`], shared by every thread
+//! that calls Pub/Sub, caching one token and getting a new one shortly before
+//! it expires, whichever way the token is obtained ([`Credentials`]):
+//!
+//! - **a service-account key** ([`service_account`]): sign a JWT with the
+//!   key and exchange it at Google's OAuth endpoint (the JWT-bearer grant);
+//! - **keyless, on Fly** ([`workload_identity`]): ask the Fly Machine API for
+//!   this Machine's OIDC token and exchange it at Google's Security Token
+//!   Service (Workload Identity Federation), optionally for a service
+//!   account's token after that.
+//!
+//! The cache does not care which: a credential source only says "here is a
+//! token, valid for this long". Token material (keys, JWTs, access tokens)
+//! never goes into a log line or an error message; errors carry the HTTP
+//! status and Google's own explanation instead.
+
+mod service_account;
+mod workload_identity;
+
+pub use service_account::ServiceAccount;
+pub use workload_identity::WorkloadIdentity;
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Google's access tokens last an hour; take a new one this long before.
+const REFRESH_MARGIN: Duration = Duration::from_secs(300);
+/// Timeout of one token request.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most bytes read from a token endpoint's answer (Google's federated tokens
+/// are at most 12 KiB).
+const MAX_ANSWER: u64 = 64 * 1024;
+/// Scope of the tokens Skywatch asks for: Pub/Sub, or everything the
+/// identity's IAM roles allow (what federated tokens are issued for).
+pub const PUBSUB_SCOPE: &str = "https://www.googleapis.com/auth/pubsub";
+pub const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
+
+/// Where access tokens come from.
+#[derive(Debug)]
+pub enum Credentials {
+    /// A service-account key file.
+    Key(ServiceAccount),
+    /// Workload Identity Federation with the Fly Machine's OIDC token.
+    Keyless(WorkloadIdentity),
+}
+
+/// A token just obtained, and how long it stays valid.
+struct Fresh {
+    value: String,
+    lifetime: Duration,
+}
+
+/// Access tokens from one credential source, cached and shared by every
+/// thread that calls Google.
+pub struct TokenSource {
+    credentials: Credentials,
+    agent: ureq::Agent,
+    cached: Mutex<Option<CachedToken>>,
+}
+
+struct CachedToken {
+    value: String,
+    refresh_at: Instant,
+}
+
+impl TokenSource {
+    pub fn new(credentials: Credentials) -> TokenSource {
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(TOKEN_TIMEOUT))
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        TokenSource {
+            credentials,
+            agent,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// A valid access token, fetched only when the cached one is near expiry.
+    /// Holding the lock while fetching makes concurrent callers wait for one
+    /// fetch instead of each making their own.
+    pub fn token(&self) -> Result<String, String> {
+        let mut cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(token) = cached.as_ref().filter(|t| Instant::now() < t.refresh_at) {
+            return Ok(token.value.clone());
+        }
+        let fresh = match &self.credentials {
+            Credentials::Key(account) => account.fetch_token(&self.agent)?,
+            Credentials::Keyless(identity) => identity.fetch_token(&self.agent)?,
+        };
+        let lifetime = fresh.lifetime;
+        *cached = Some(CachedToken {
+            value: fresh.value.clone(),
+            // Short-lived tokens (tests use seconds) are renewed half-way.
+            refresh_at: Instant::now() + lifetime.saturating_sub(REFRESH_MARGIN).max(lifetime / 2),
+        });
+        Ok(fresh.value)
+    }
+
+    /// Forgets `rejected` (a token the API answered 401 to), so the next call
+    /// fetches a new one.
+    pub fn invalidate(&self, rejected: &str) {
+        let mut cached = self
+            .cached
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if cached.as_ref().is_some_and(|t| t.value == rejected) {
+            *cached = None;
+        }
+    }
+}
+
+/// POSTs `body` to a token endpoint; returns the status and the answer's
+/// text. Errors name the URL (which holds no secret), never the body.
+fn post(
+    agent: &ureq::Agent,
+    url: &str,
+    content_type: &str,
+    bearer: Option<&str>,
+    body: &[u8],
+) -> Result<(u16, String), String> {
+    let mut request = agent.post(url).header("Content-Type", content_type);
+    if let Some(token) = bearer {
+        request = request.header("Authorization", format!("Bearer {token}"));
+    }
+    let mut response = request
+        .send(body)
+        .map_err(|err| format!("request to {url} failed: {err}"))?;
+    let status = response.status().as_u16();
+    let text = response
+        .body_mut()
+        .with_config()
+        .limit(MAX_ANSWER)
+        .read_to_string()
+        .map_err(|err| format!("answer from {url} unreadable: {err}"))?;
+    Ok((status, text))
+}
+
+/// Why a token endpoint said no, from its answer: OAuth's
+/// `{"error", "error_description"}` (RFC 6749 section 5.2, what Google's OAuth
+/// and STS endpoints send) or Google's `{"error": {"code", "status",
+/// "message"}}` (its REST APIs), else the start of the text. Any of
+/// `secrets` the endpoint echoed is blanked out, so a refusal can be logged.
+fn refusal(status: u16, text: &str, secrets: &[&str]) -> String {
+    let value: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
+    let error = &value["error"];
+    let said = match (error.as_str(), error["status"].as_str()) {
+        (Some(code), _) => match value["error_description"].as_str() {
+            Some(description) if !description.is_empty() => {
+                format!("{status} {code}: {description}")
+            }
+            _ => format!("{status} {code}"),
+        },
+        (None, Some(google_status)) => {
+            let message = error["message"].as_str().unwrap_or("");
+            format!("{status} {google_status}: {message}")
+        }
+        _ => format!("{status}: {}", text.trim()),
+    };
+    let mut said: String = said.chars().take(500).collect();
+    for secret in secrets.iter().filter(|s| s.len() >= 8) {
+        said = said.replace(secret, "(hidden)");
+    }
+    said
+}
+
+/// A JSON answer parsed into `T`, or an error that says where it broke and
+/// never quotes it (serde's messages may quote a value, and the value here
+/// may be a token).
+fn parse_answer<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Result<T, String> {
+    serde_json::from_str(text).map_err(|err| {
+        format!(
+            "{what} malformed ({:?} error at line {}, column {})",
+            err.classify(),
+            err.line(),
+            err.column()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_keep_googles_words_and_drop_echoed_secrets() {
+        let oauth = r#"{"error":"invalid_grant","error_description":"Invalid JWT Signature."}"#;
+        assert_eq!(
+            refusal(400, oauth, &[]),
+            "400 invalid_grant: Invalid JWT Signature."
+        );
+        let google =
+            r#"{"error":{"code":403,"status":"PERMISSION_DENIED","message":"Permission denied"}}"#;
+        assert_eq!(
+            refusal(403, google, &[]),
+            "403 PERMISSION_DENIED: Permission denied"
+        );
+        assert_eq!(refusal(502, " Bad gateway\n", &[]), "502: Bad gateway");
+        assert_eq!(
+            refusal(400, r#"{"error":"aud is required"}"#, &[]),
+            "400 aud is required"
+        );
+        let echo =
+            r#"{"error":"invalid_request","error_description":"bad token eyJhbGciOi.abc.def"}"#;
+        let said = refusal(400, echo, &["eyJhbGciOi.abc.def"]);
+        assert!(!said.contains("eyJhbGciOi"), "{said}");
+        assert!(
+            said.contains("400 invalid_request") && said.contains("(hidden)"),
+            "{said}"
+        );
+        assert!(refusal(500, &"x".repeat(10_000), &[]).len() <= 500);
+    }
+
+    #[test]
+    fn malformed_answers_are_described_without_quoting_them() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Answer {
+            #[allow(dead_code)]
+            expires_in: u64,
+        }
+        let err = parse_answer::<Answer>(r#"{"expires_in":"ya29.SECRET"}"#, "the answer")
+            .expect_err("a string is not a number");
+        assert!(err.starts_with("the answer malformed"), "{err}");
+        assert!(!err.contains("SECRET"), "{err}");
+    }
+}
