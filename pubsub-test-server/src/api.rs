@@ -21,9 +21,10 @@ use base64::engine::general_purpose::STANDARD;
 use serde_json::{Value, json};
 
 use crate::auth::{self, Bearer};
+use crate::federation;
 use crate::json::{self, Obj, secs};
 use crate::state::{AckId, Subscription};
-use crate::{RequestRecord, Shared};
+use crate::{Credential, RequestRecord, Shared};
 
 /// Google's limit on a publish request, applied to every request body.
 const MAX_BODY: usize = 10 * 1024 * 1024;
@@ -151,7 +152,7 @@ impl ApiError {
         )
     }
 
-    fn method_not_allowed(method: &str, allow: &'static str) -> ApiError {
+    pub(crate) fn method_not_allowed(method: &str, allow: &'static str) -> ApiError {
         let mut e = ApiError::new(
             405,
             format!("HTTP method {method} is not allowed here; allowed: {allow}."),
@@ -166,7 +167,7 @@ impl ApiError {
         ApiError::invalid(format!("{what} is not emulated by pubsub-test-server."))
     }
 
-    fn unauthenticated(missing: bool, reason: &str) -> ApiError {
+    pub(crate) fn unauthenticated(missing: bool, reason: &str) -> ApiError {
         let lead = if missing {
             "Request is missing required authentication credential."
         } else {
@@ -253,12 +254,18 @@ pub(crate) fn handle(shared: &Shared, mut request: tiny_http::Request) {
         })
         .collect();
 
-    let (reply, authorized) = match read_body(&mut request) {
-        Err(e) => (e.into_reply(), false),
-        Ok(body) if path == "/token" => (
-            auth::token_endpoint(shared, &method, &headers, &body),
-            false,
-        ),
+    let (reply, credential) = match read_body(&mut request) {
+        Err(e) => (e.into_reply(), None),
+        Ok(body) if path == "/token" => {
+            (auth::token_endpoint(shared, &method, &headers, &body), None)
+        }
+        // Google's STS and IAM Credentials, on this server's base URL.
+        Ok(body) if path == "/v1/token" => {
+            (federation::sts(shared, &method, &headers, &body), None)
+        }
+        Ok(body) if federation::is_iam_path(path) => {
+            federation::generate_access_token(shared, &method, path, &headers, &body)
+        }
         Ok(body) if path == "/v1" || path.starts_with("/v1/") => {
             v1(shared, &method, path, query, &headers, &body)
         }
@@ -268,7 +275,7 @@ pub(crate) fn handle(shared: &Shared, mut request: tiny_http::Request) {
                 format!("The requested URL {path} was not found on this server."),
             )
             .into_reply(),
-            false,
+            None,
         ),
     };
 
@@ -278,7 +285,8 @@ pub(crate) fn handle(shared: &Shared, mut request: tiny_http::Request) {
             method,
             path: path.to_owned(),
             status: reply.status,
-            authorized,
+            authorized: credential.is_some(),
+            credential,
         });
         shared.notify(&mut state);
     }
@@ -321,6 +329,7 @@ fn read_body(request: &mut tiny_http::Request) -> Result<Vec<u8>, ApiError> {
 }
 
 /// A `/v1` call: token check, then the knobs (delay, injected failure), then the API.
+/// Returns the answer and what the bearer token was accepted as.
 fn v1(
     shared: &Shared,
     method: &str,
@@ -328,31 +337,32 @@ fn v1(
     query: &str,
     headers: &[(String, String)],
     body: &[u8],
-) -> (Reply, bool) {
+) -> (Reply, Option<Credential>) {
     let bearer = auth::check_bearer(shared, headers);
-    let authorized = matches!(bearer, Bearer::Valid);
+    let accepted = match &bearer {
+        Bearer::Valid(credential) => Some(credential.clone()),
+        _ => None,
+    };
 
     pause(shared);
     if let Some(error) = injected_failure(shared) {
-        return (error.into_reply(), authorized);
+        return (error.into_reply(), accepted);
     }
-    if shared.verifier.is_some() {
+    if shared.requires_auth() {
         match bearer {
-            Bearer::Valid => {}
+            Bearer::Valid(_) => {}
             Bearer::Missing => {
                 let e = ApiError::unauthenticated(true, "no Authorization header");
-                return (e.into_reply(), false);
+                return (e.into_reply(), None);
             }
             Bearer::Invalid(reason) => {
-                return (
-                    ApiError::unauthenticated(false, &reason).into_reply(),
-                    false,
-                );
+                return (ApiError::unauthenticated(false, &reason).into_reply(), None);
             }
+            Bearer::Forbidden(reason) => return (ApiError::new(403, reason).into_reply(), None),
         }
     }
     let reply = route(shared, method, path, query, body).unwrap_or_else(ApiError::into_reply);
-    (reply, authorized)
+    (reply, accepted)
 }
 
 /// Sleeps for the configured delay, but wakes early when the server shuts down.

@@ -20,9 +20,10 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::Shared;
 use crate::api::{ApiError, Reply};
-use crate::state::unix_now;
+use crate::federation::Trust;
+use crate::state::{IssuedToken, unix_now};
+use crate::{Credential, Shared};
 
 /// The `aud` of a self-signed JWT for Pub/Sub.
 pub(crate) const PUBSUB_AUDIENCE: &str = "https://pubsub.googleapis.com/";
@@ -129,42 +130,60 @@ struct Claims {
 pub(crate) enum Bearer {
     /// No `Authorization` header (or the server does not verify tokens).
     Missing,
-    Valid,
+    /// A token the server accepts for Pub/Sub, and what it is.
+    Valid(Credential),
+    /// Not a token this server issued or can verify (401).
     Invalid(String),
+    /// A valid token whose identity may not call Pub/Sub (403).
+    Forbidden(String),
 }
 
-/// Checks the bearer token of a `/v1` request (only in `Auth::Verify` mode).
-pub(crate) fn check_bearer(shared: &Shared, headers: &[(String, String)]) -> Bearer {
-    let Some(verifier) = &shared.verifier else {
-        return Bearer::Missing;
-    };
+/// The token of the request's `Authorization: Bearer` header: None when there is no
+/// such header, an error when it is malformed.
+pub(crate) fn bearer_token(headers: &[(String, String)]) -> Result<Option<&str>, String> {
     let mut values = headers
         .iter()
         .filter(|(name, _)| name == "authorization")
         .map(|(_, value)| value.as_str());
     let Some(value) = values.next() else {
-        return Bearer::Missing;
+        return Ok(None);
     };
     if values.next().is_some() {
-        return Bearer::Invalid("more than one Authorization header".into());
+        return Err("more than one Authorization header".into());
     }
     let token = match value.split_once(' ') {
         Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-        _ => return Bearer::Invalid("the Authorization header is not \"Bearer <token>\"".into()),
+        _ => return Err("the Authorization header is not \"Bearer <token>\"".into()),
     };
     if token.is_empty() {
-        return Bearer::Invalid("empty bearer token".into());
+        return Err("empty bearer token".into());
     }
+    Ok(Some(token))
+}
+
+/// Checks the bearer token of a `/v1` request (only when the server verifies tokens).
+pub(crate) fn check_bearer(shared: &Shared, headers: &[(String, String)]) -> Bearer {
+    if !shared.requires_auth() {
+        return Bearer::Missing;
+    }
+    let token = match bearer_token(headers) {
+        Ok(Some(token)) => token,
+        Ok(None) => return Bearer::Missing,
+        Err(reason) => return Bearer::Invalid(reason),
+    };
 
     // An access token this server issued?
     {
         let state = shared.lock();
         match state.access_tokens.get(token) {
-            Some(expiry) if Instant::now() < *expiry => return Bearer::Valid,
+            Some(issued) if Instant::now() < issued.expiry => return pubsub_access(shared, issued),
             Some(_) => return Bearer::Invalid("the access token expired".into()),
             None => {}
         }
     }
+    let Some(verifier) = &shared.verifier else {
+        return Bearer::Invalid("unknown or revoked access token".into());
+    };
     if token.split('.').count() != 3 {
         return Bearer::Invalid("unknown or revoked access token".into());
     }
@@ -185,7 +204,28 @@ pub(crate) fn check_bearer(shared: &Shared, headers: &[(String, String)]) -> Bea
     if state.seen_jwts.insert(token.to_owned()) {
         record_jwt(&mut state, token);
     }
-    Bearer::Valid
+    Bearer::Valid(Credential::SelfSignedJwt)
+}
+
+/// Whether an issued, unexpired token may call Pub/Sub: its scopes must cover Pub/Sub,
+/// and a federated identity needs a Pub/Sub role of its own (`direct_access`).
+fn pubsub_access(shared: &Shared, issued: &IssuedToken) -> Bearer {
+    if !issued
+        .scopes
+        .iter()
+        .any(|s| ACCEPTED_SCOPES.contains(&s.as_str()))
+    {
+        return Bearer::Forbidden("Request had insufficient authentication scopes.".into());
+    }
+    let direct = shared.federation.as_ref().is_some_and(Trust::direct_access);
+    if issued.credential == Credential::Federated && !direct {
+        return Bearer::Forbidden(
+            "The caller does not have permission (the federated identity has no Pub/Sub role; \
+             pubsub-test-server Federation::direct_access is false)."
+                .into(),
+        );
+    }
+    Bearer::Valid(issued.credential.clone())
 }
 
 /// Keeps the decoded header and claims of a JWT that passed verification, so
@@ -214,8 +254,7 @@ pub(crate) fn token_endpoint(
     let Some(verifier) = &shared.verifier else {
         return ApiError::new(
             404,
-            "pubsub-test-server runs with Auth::None (emulator mode): it has no token endpoint."
-                .into(),
+            "pubsub-test-server runs without Auth::Verify: it has no token endpoint.".into(),
         )
         .into_reply();
     };
@@ -291,11 +330,13 @@ pub(crate) fn token_endpoint(
             "Domain-wide delegation (a sub other than the service account) is not emulated.",
         );
     }
-    let scopes = claims.scope.unwrap_or_default();
-    if !scopes
+    let scopes: Vec<String> = claims
+        .scope
+        .unwrap_or_default()
         .split_whitespace()
-        .any(|s| ACCEPTED_SCOPES.contains(&s))
-    {
+        .map(str::to_owned)
+        .collect();
+    if !scopes.iter().any(|s| ACCEPTED_SCOPES.contains(&s.as_str())) {
         return oauth_error(
             400,
             "invalid_scope",
@@ -312,9 +353,14 @@ pub(crate) fn token_endpoint(
         let mut state = shared.lock();
         record_jwt(&mut state, assertion);
         let lifetime = state.token_lifetime;
-        state
-            .access_tokens
-            .insert(token.clone(), Instant::now() + lifetime);
+        state.access_tokens.insert(
+            token.clone(),
+            IssuedToken {
+                expiry: Instant::now() + lifetime,
+                credential: Credential::ServiceAccount,
+                scopes,
+            },
+        );
         shared.notify(&mut state);
         lifetime
     };
@@ -329,7 +375,7 @@ pub(crate) fn token_endpoint(
     .with_header("Cache-Control", "no-store")
 }
 
-fn oauth_error(status: u16, error: &str, description: &str) -> Reply {
+pub(crate) fn oauth_error(status: u16, error: &str, description: &str) -> Reply {
     Reply::json(
         status,
         json!({"error": error, "error_description": description}),
@@ -339,7 +385,7 @@ fn oauth_error(status: u16, error: &str, description: &str) -> Reply {
 
 /// Parses `application/x-www-form-urlencoded`: `+` is a space, `%XX` a byte.
 /// A parameter given twice is refused, as RFC 6749 section 3.1 requires.
-fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, String> {
+pub(crate) fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, String> {
     let text = std::str::from_utf8(body).map_err(|_| "The form body is not UTF-8.".to_owned())?;
     let mut out: Vec<(String, String)> = Vec::new();
     for pair in text.trim_end_matches(['\r', '\n']).split('&') {

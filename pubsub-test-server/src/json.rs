@@ -247,7 +247,7 @@ fn snake_to_camel(s: &str) -> String {
     out
 }
 
-fn camel_to_snake(s: &str) -> String {
+pub(crate) fn camel_to_snake(s: &str) -> String {
     let mut out = String::with_capacity(s.len() + 4);
     for c in s.chars() {
         if c.is_ascii_uppercase() {

@@ -22,6 +22,11 @@
 //! access token, and the `/v1` API then demands `Authorization: Bearer`, accepting those
 //! access tokens or self-signed service-account JWTs ("JWT access without OAuth").
 //!
+//! With [`Auth::WorkloadIdentity`] it plays Google's keyless path instead: the Security
+//! Token Service's token exchange (`POST /v1/token`) and IAM Credentials'
+//! `generateAccessToken`, verifying OIDC tokens signed by [`FlyMachineApi`], a stand-in
+//! for the Fly Machine API on a Unix socket (see the `federation` and `fly` modules).
+//!
 //! Test knobs ([`PubSubTestServer::fail_next`], [`PubSubTestServer::set_delay`],
 //! [`PubSubTestServer::set_pull_fill_wait`], [`PubSubTestServer::delete_subscription`],
 //! ...) inject the failures and timings a client must survive, and inspection methods
@@ -57,6 +62,8 @@
 
 mod api;
 mod auth;
+mod federation;
+mod fly;
 mod json;
 mod keys;
 mod state;
@@ -68,6 +75,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+pub use federation::{Federation, Impersonation, StsExchange};
+pub use fly::{FlyMachineApi, OidcRequest};
 pub use keys::{TestKey, generate_test_key, service_account_json};
 
 use state::State;
@@ -128,6 +137,24 @@ pub enum Auth {
         /// The service account's e-mail, expected as the JWTs' `iss` (and `sub`).
         client_email: String,
     },
+    /// Keyless: every `/v1` call needs `Authorization: Bearer <token>` with a token this
+    /// server issued at its STS endpoint (`/v1/token`, for an OIDC token of the trusted
+    /// issuer) or at `generateAccessToken` (for such a federated token). `/token` answers
+    /// 404. See [`Federation`].
+    WorkloadIdentity(Federation),
+}
+
+/// What a bearer token was accepted as.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    /// An access token from `/token` (the service-account JWT-bearer grant).
+    ServiceAccount,
+    /// A self-signed service-account JWT.
+    SelfSignedJwt,
+    /// A federated access token from the STS endpoint.
+    Federated,
+    /// A token of this service account (its email) from `generateAccessToken`.
+    Impersonated(String),
 }
 
 /// One HTTP request the server answered, in arrival order of completion.
@@ -143,6 +170,8 @@ pub struct RequestRecord {
     /// Whether the request carried a bearer token that this server accepted. Always
     /// `false` in [`Auth::None`] mode (nothing is verified) and for `/token` itself.
     pub authorized: bool,
+    /// What the accepted bearer token was (None when `authorized` is false).
+    pub credential: Option<Credential>,
 }
 
 /// A JWT the server verified (signature, issuer, audience, lifetime): a
@@ -164,6 +193,7 @@ pub(crate) struct Shared {
     pub(crate) max_pull_hold: Duration,
     pub(crate) pulls_return_immediately: bool,
     pub(crate) verifier: Option<auth::Verifier>,
+    pub(crate) federation: Option<federation::Trust>,
     pub(crate) base_url: String,
     pub(crate) shutdown: AtomicBool,
 }
@@ -179,6 +209,11 @@ impl Shared {
     pub(crate) fn notify(&self, state: &mut State) {
         state.version = state.version.wrapping_add(1);
         self.changed.notify_all();
+    }
+
+    /// Whether `/v1` calls need a bearer token.
+    pub(crate) fn requires_auth(&self) -> bool {
+        self.verifier.is_some() || self.federation.is_some()
     }
 
     pub(crate) fn is_shutting_down(&self) -> bool {
@@ -248,12 +283,16 @@ impl PubSubTestServer {
         let addr = addr.to_socket_addrs()?.next().ok_or_else(|| {
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
         })?;
-        let verifier = match &opts.auth {
-            Auth::None => None,
+        let (verifier, federation) = match &opts.auth {
+            Auth::None => (None, None),
             Auth::Verify {
                 public_key_pem,
                 client_email,
-            } => Some(auth::Verifier::new(public_key_pem, client_email)?),
+            } => (
+                Some(auth::Verifier::new(public_key_pem, client_email)?),
+                None,
+            ),
+            Auth::WorkloadIdentity(trust) => (None, Some(federation::Trust::new(trust.clone())?)),
         };
         let http = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
         let addr = http
@@ -269,6 +308,7 @@ impl PubSubTestServer {
             max_pull_hold: opts.max_pull_hold,
             pulls_return_immediately: opts.pulls_return_immediately,
             verifier,
+            federation,
             base_url: format!("http://{addr}"),
             shutdown: AtomicBool::new(false),
         });
@@ -422,8 +462,9 @@ impl PubSubTestServer {
         self.shared.notify(&mut state);
     }
 
-    /// Access tokens issued from now on live `d` (and `/token` says so in
-    /// `expires_in`), to test renewal ahead of expiry without waiting an hour.
+    /// Access tokens issued from now on live `d` (and `/token` and the STS say so in
+    /// `expires_in`, `generateAccessToken` in `expireTime`, when `d` is shorter than it
+    /// was asked for), to test renewal ahead of expiry without waiting an hour.
     pub fn set_access_token_lifetime(&self, d: Duration) {
         let mut state = self.shared.lock();
         state.token_lifetime = d;
@@ -433,6 +474,34 @@ impl PubSubTestServer {
     /// Every JWT that passed verification so far, first sightings only, in order.
     pub fn verified_jwts(&self) -> Vec<VerifiedJwt> {
         self.shared.lock().verified_jwts.clone()
+    }
+
+    /// While `Some((status, error))`, the STS endpoint answers every well-formed exchange
+    /// of a valid token `status` with the OAuth error code `error` (e.g. `(400,
+    /// "invalid_grant")`, or `(400, "unauthorized_client")` as for a failed attribute
+    /// condition) and issues nothing. `None` lifts the refusal.
+    pub fn set_sts_refusal(&self, refusal: Option<(u16, &str)>) {
+        let mut state = self.shared.lock();
+        state.sts_refusal = refusal.map(|(status, error)| (status, error.to_owned()));
+        self.shared.notify(&mut state);
+    }
+
+    /// While `on`, `generateAccessToken` answers 403 `PERMISSION_DENIED`, as when the
+    /// pool's identities lack `roles/iam.workloadIdentityUser` on the account.
+    pub fn set_impersonation_refusal(&self, on: bool) {
+        let mut state = self.shared.lock();
+        state.refuse_impersonation = on;
+        self.shared.notify(&mut state);
+    }
+
+    /// Every token exchange the STS endpoint answered, in order.
+    pub fn sts_exchanges(&self) -> Vec<StsExchange> {
+        self.shared.lock().sts_exchanges.clone()
+    }
+
+    /// Every `generateAccessToken` call answered, in order.
+    pub fn impersonations(&self) -> Vec<Impersonation> {
+        self.shared.lock().impersonations.clone()
     }
 
     /// Full names of all topics, sorted.

@@ -252,8 +252,8 @@ pub(crate) struct State {
     /// How long a pull with messages is held to fill its batch (`Options::pull_fill_wait`).
     pub(crate) pull_fill_wait: Duration,
     pub(crate) requests: Vec<RequestRecord>,
-    /// Access tokens issued by `/token`, with their expiry.
-    pub(crate) access_tokens: HashMap<String, Instant>,
+    /// Access tokens issued (by `/token`, the STS or generateAccessToken).
+    pub(crate) access_tokens: HashMap<String, IssuedToken>,
     /// Self-signed JWTs accepted so far (to revoke them exactly).
     pub(crate) seen_jwts: HashSet<String>,
     pub(crate) revoked_jwts: HashSet<String>,
@@ -265,6 +265,23 @@ pub(crate) struct State {
     pub(crate) token_lifetime: Duration,
     /// Every JWT that passed verification, decoded, in order.
     pub(crate) verified_jwts: Vec<crate::VerifiedJwt>,
+    /// Token exchanges the STS endpoint answered, in order.
+    pub(crate) sts_exchanges: Vec<crate::StsExchange>,
+    /// generateAccessToken calls answered, in order.
+    pub(crate) impersonations: Vec<crate::Impersonation>,
+    /// While set, the STS refuses every exchange with this status and OAuth error.
+    pub(crate) sts_refusal: Option<(u16, String)>,
+    /// While true, generateAccessToken answers 403 PERMISSION_DENIED.
+    pub(crate) refuse_impersonation: bool,
+}
+
+/// An access token this server issued.
+#[derive(Clone)]
+pub(crate) struct IssuedToken {
+    pub(crate) expiry: Instant,
+    /// What it was issued as.
+    pub(crate) credential: crate::Credential,
+    pub(crate) scopes: Vec<String>,
 }
 
 impl State {
@@ -304,6 +321,10 @@ impl State {
             seen_jwts: HashSet::new(),
             revoked_jwts: HashSet::new(),
             jwt_not_before: 0,
+            sts_exchanges: Vec::new(),
+            impersonations: Vec::new(),
+            sts_refusal: None,
+            refuse_impersonation: false,
         }
     }
 
