@@ -11,7 +11,7 @@ use pubsub_test_server::{
     Auth, Credential, Federation, FlyMachineApi, Options, PubSubTestServer, RequestRecord,
     generate_test_key,
 };
-use support::{Server, TempDir, get, run_to_exit};
+use support::{Server, TempDir, assert_config_error, get};
 
 const PROJECT: &str = support::PUBSUB_PROJECT;
 const PROVIDER: &str =
@@ -86,9 +86,9 @@ impl Keyless {
 
     fn wait_subscribed(&self, server: &Server, alloc: &str) {
         let sub = format!("projects/{PROJECT}/subscriptions/ID_{alloc}");
-        let found = self.ts.wait_for(READY_TIMEOUT, |s| {
-            s.subscriptions().iter().any(|name| *name == sub)
-        });
+        let found = self
+            .ts
+            .wait_for(READY_TIMEOUT, |s| s.subscriptions().contains(&sub));
         assert!(
             found,
             "{sub} not created; exchanges {:#?}\nrequests {:#?}\n{}",
@@ -381,35 +381,15 @@ fn a_missing_fly_api_socket_is_logged_and_retried() {
 // What can be checked before the first call stops the server (exit 2)
 // ---------------------------------------------------------------------------
 
-fn check_exit_2(envs: &[(&str, &str)], variable: &str) {
-    let out = run_to_exit(&[], envs);
-    let shown = format!("stderr:\n{}\nstdout:\n{}", out.stderr, out.stdout);
-    assert_eq!(out.status.code(), Some(2), "{envs:?}\n{shown}");
-    let lines: Vec<&str> = out
-        .stderr
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .collect();
-    assert_eq!(lines.len(), 1, "expected a one-line error\n{shown}");
-    assert!(
-        lines[0].starts_with(&format!("skywatch: invalid {variable}=")),
-        "the error does not name {variable}\n{shown}"
-    );
-    assert!(
-        !shown.contains("panicked") && !shown.contains("listening on"),
-        "{shown}"
-    );
-}
-
 #[test]
 fn keyless_configuration_mistakes_exit_2_naming_the_variable() {
     let provider = ("GOOGLE_WORKLOAD_IDENTITY_PROVIDER", PROVIDER);
     let project = ("PUBSUB_PROJECT_ID", PROJECT);
-    check_exit_2(
+    assert_config_error(
         &[("GOOGLE_WORKLOAD_IDENTITY_PROVIDER", "fly-acme"), project],
         "GOOGLE_WORKLOAD_IDENTITY_PROVIDER",
     );
-    check_exit_2(
+    assert_config_error(
         &[
             (
                 "GOOGLE_WORKLOAD_IDENTITY_PROVIDER",
@@ -419,8 +399,8 @@ fn keyless_configuration_mistakes_exit_2_naming_the_variable() {
         ],
         "GOOGLE_WORKLOAD_IDENTITY_PROVIDER",
     );
-    check_exit_2(&[provider], "PUBSUB_PROJECT_ID");
-    check_exit_2(
+    assert_config_error(&[provider], "PUBSUB_PROJECT_ID");
+    assert_config_error(
         &[
             provider,
             project,
@@ -428,15 +408,15 @@ fn keyless_configuration_mistakes_exit_2_naming_the_variable() {
         ],
         "GOOGLE_IMPERSONATE_SERVICE_ACCOUNT",
     );
-    check_exit_2(
+    assert_config_error(
         &[("GOOGLE_IMPERSONATE_SERVICE_ACCOUNT", EMAIL), project],
         "GOOGLE_IMPERSONATE_SERVICE_ACCOUNT",
     );
-    check_exit_2(
+    assert_config_error(
         &[provider, project, ("FLY_API_SOCKET", "api.sock")],
         "FLY_API_SOCKET",
     );
-    check_exit_2(
+    assert_config_error(
         &[
             provider,
             project,
@@ -444,7 +424,7 @@ fn keyless_configuration_mistakes_exit_2_naming_the_variable() {
         ],
         "GOOGLE_STS_ENDPOINT",
     );
-    check_exit_2(
+    assert_config_error(
         &[
             provider,
             project,

@@ -258,13 +258,8 @@ pub(crate) fn token_endpoint(
         )
         .into_reply();
     };
-    if method != "POST" {
-        return oauth_error(
-            405,
-            "invalid_request",
-            "The token endpoint only accepts POST.",
-        )
-        .with_header("Allow", "POST");
+    if let Err(refusal) = oauth_post_only(method) {
+        return refusal;
     }
     let content_type = headers
         .iter()
@@ -373,6 +368,19 @@ pub(crate) fn token_endpoint(
         }),
     )
     .with_header("Cache-Control", "no-store")
+}
+
+/// Token endpoints take POST only; anything else is answered OAuth-style.
+pub(crate) fn oauth_post_only(method: &str) -> Result<(), Reply> {
+    if method == "POST" {
+        return Ok(());
+    }
+    Err(oauth_error(
+        405,
+        "invalid_request",
+        "The token endpoint only accepts POST.",
+    )
+    .with_header("Allow", "POST"))
 }
 
 pub(crate) fn oauth_error(status: u16, error: &str, description: &str) -> Reply {

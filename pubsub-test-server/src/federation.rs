@@ -41,7 +41,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 
 use crate::api::{ApiError, Reply};
-use crate::auth::{bearer_token, oauth_error, parse_form};
+use crate::auth::{bearer_token, oauth_error, oauth_post_only, parse_form};
 use crate::json;
 use crate::state::IssuedToken;
 use crate::{Credential, Shared, VerifiedJwt};
@@ -221,13 +221,8 @@ fn exchange_token(
         )
         .into_reply();
     };
-    if method != "POST" {
-        return oauth_error(
-            405,
-            "invalid_request",
-            "The token endpoint only accepts POST.",
-        )
-        .with_header("Allow", "POST");
+    if let Err(refusal) = oauth_post_only(method) {
+        return refusal;
     }
     if headers.iter().any(|(name, _)| name == "authorization") {
         return oauth_error(

@@ -278,6 +278,30 @@ pub fn run_to_exit_in(args: &[&str], envs: &[(&str, &str)], cwd: Option<&Path>) 
     }
 }
 
+/// Runs the binary with `envs` and checks the contract for a configuration
+/// error: exit code 2 and one stderr line, `skywatch: invalid VARIABLE=...`,
+/// naming `variable`; nothing started, nothing panicked. Returns the run.
+pub fn assert_config_error(envs: &[(&str, &str)], variable: &str) -> Finished {
+    let out = run_to_exit(&[], envs);
+    let shown = format!("stderr:\n{}\nstdout:\n{}", out.stderr, out.stdout);
+    assert_eq!(out.status.code(), Some(2), "{envs:?}\n{shown}");
+    let lines: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(lines.len(), 1, "expected a one-line error\n{shown}");
+    assert!(
+        lines[0].starts_with(&format!("skywatch: invalid {variable}=")),
+        "the error does not name {variable}\n{shown}"
+    );
+    assert!(
+        !shown.contains("panicked") && !shown.contains("listening on"),
+        "{shown}"
+    );
+    out
+}
+
 // ---------------------------------------------------------------------------
 // Running server
 // ---------------------------------------------------------------------------
