@@ -20,6 +20,9 @@ const EMAIL: &str = "skywatch@skywatch-test.iam.gserviceaccount.com";
 const EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 /// Bound for an instance to get its token, create its subscription and be ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bound for an instance to notice that a refusal was lifted: a missing token
+/// waits for a person, so it is retried slowly (at most 30 s apart).
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(35);
 
 /// A Fly Machine API stand-in and a test server that trusts it, as one Fly org and
 /// one Google project would be set up.
@@ -85,10 +88,14 @@ impl Keyless {
     }
 
     fn wait_subscribed(&self, server: &Server, alloc: &str) {
+        self.wait_subscribed_within(server, alloc, READY_TIMEOUT);
+    }
+
+    fn wait_subscribed_within(&self, server: &Server, alloc: &str, within: Duration) {
         let sub = format!("projects/{PROJECT}/subscriptions/ID_{alloc}");
         let found = self
             .ts
-            .wait_for(READY_TIMEOUT, |s| s.subscriptions().contains(&sub));
+            .wait_for(within, |s| s.subscriptions().contains(&sub));
         assert!(
             found,
             "{sub} not created; exchanges {:#?}\nrequests {:#?}\n{}",
@@ -96,7 +103,7 @@ impl Keyless {
             self.ts.requests(),
             server.logs()
         );
-        server.wait_ready(READY_TIMEOUT);
+        server.wait_ready(within);
     }
 
     /// Every exchange asked for what Skywatch must ask for, with a Fly token for
@@ -305,13 +312,20 @@ fn a_refused_exchange_keeps_the_instance_unready_until_lifted() {
         "the refusal's status is not logged:\n{}",
         server.logs()
     );
-    // Retried, and still not ready.
+    // Retried, and still not ready, saying why.
     assert!(
-        k.ts.wait_for(READY_TIMEOUT, |s| s.sts_exchanges().len() >= 3),
+        k.ts.wait_for(RECOVERY_TIMEOUT, |s| s.sts_exchanges().len() >= 3),
         "not retried: {:#?}",
         k.ts.sts_exchanges()
     );
-    assert_eq!(get(server.addr, "/readyz").status, 503);
+    let ready = get(server.addr, "/readyz");
+    assert_eq!(ready.status, 503);
+    let why = ready.body_text();
+    assert!(
+        why.contains("400 invalid_grant") && why.contains("Security Token Service"),
+        "/readyz does not say why: {why:?}"
+    );
+    assert_no_tokens(&why);
     let logs = server.logs();
     let line = logs
         .lines()
@@ -325,7 +339,7 @@ fn a_refused_exchange_keeps_the_instance_unready_until_lifted() {
     assert!(k.ts.subscriptions().is_empty());
 
     k.ts.set_sts_refusal(None);
-    k.wait_subscribed(&server, "kl0000f6");
+    k.wait_subscribed_within(&server, "kl0000f6", RECOVERY_TIMEOUT);
     let mut client = server.client();
     client.send_alert(1_700_000_000_104);
     assert_eq!(
@@ -345,7 +359,13 @@ fn a_refused_impersonation_is_logged_with_googles_status_and_recovers() {
         "the refusal's status is not logged:\n{}",
         server.logs()
     );
-    assert_eq!(get(server.addr, "/readyz").status, 503);
+    let ready = get(server.addr, "/readyz");
+    assert_eq!(ready.status, 503);
+    assert!(
+        ready.body_text().contains("403 PERMISSION_DENIED"),
+        "/readyz does not say why: {:?}",
+        ready.body_text()
+    );
     let logs = server.logs();
     assert!(
         logs.contains(&format!("generateAccessToken for {EMAIL}"))
@@ -355,7 +375,7 @@ fn a_refused_impersonation_is_logged_with_googles_status_and_recovers() {
     assert_no_tokens(&logs);
 
     k.ts.set_impersonation_refusal(false);
-    k.wait_subscribed(&server, "kl0000a7");
+    k.wait_subscribed_within(&server, "kl0000a7", RECOVERY_TIMEOUT);
     assert_no_tokens(&server.logs());
 }
 
