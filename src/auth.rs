@@ -144,7 +144,9 @@ fn post(
 /// `{"error", "error_description"}` (RFC 6749 section 5.2, what Google's OAuth
 /// and STS endpoints send) or Google's `{"error": {"code", "status",
 /// "message"}}` (its REST APIs), else the start of the text. Any of
-/// `secrets` the endpoint echoed is blanked out, so a refusal can be logged.
+/// `secrets` the endpoint echoed, and anything shaped like a token, is
+/// blanked out (before the text is cut short, so no piece of one survives),
+/// so a refusal can be logged.
 fn refusal(status: u16, text: &str, secrets: &[&str]) -> String {
     let value: serde_json::Value = serde_json::from_str(text).unwrap_or_default();
     let error = &value["error"];
@@ -161,11 +163,39 @@ fn refusal(status: u16, text: &str, secrets: &[&str]) -> String {
         }
         _ => format!("{status}: {}", text.trim()),
     };
-    let mut said: String = said.chars().take(500).collect();
+    let mut said = said;
     for secret in secrets.iter().filter(|s| s.len() >= 8) {
         said = said.replace(secret, "(hidden)");
     }
-    said
+    hide_token_shapes(&said).chars().take(500).collect()
+}
+
+/// `text` with every word that looks like a token replaced: a Google access
+/// token (`ya29.`...) or a JWT (three dot-separated base64url parts of ten
+/// characters or more; host names and emails have shorter parts or more).
+fn hide_token_shapes(text: &str) -> String {
+    let is_token_char = |c: char| c.is_ascii_alphanumeric() || "-_.".contains(c);
+    let looks_like_token = |word: &str| {
+        let parts: Vec<&str> = word.split('.').collect();
+        word.starts_with("ya29.") || (parts.len() == 3 && parts.iter().all(|p| p.len() >= 10))
+    };
+    let mut out = String::with_capacity(text.len());
+    let mut word = String::new();
+    for c in text.chars().chain(std::iter::once(' ')) {
+        if is_token_char(c) {
+            word.push(c);
+            continue;
+        }
+        out.push_str(if looks_like_token(&word) {
+            "(hidden)"
+        } else {
+            &word
+        });
+        word.clear();
+        out.push(c);
+    }
+    out.pop(); // the space chained on to end the last word
+    out
 }
 
 /// A JSON answer parsed into `T`, or an error that says where it broke and
@@ -213,6 +243,25 @@ mod tests {
             "{said}"
         );
         assert!(refusal(500, &"x".repeat(10_000), &[]).len() <= 500);
+        // A secret across the cut is hidden whole, not cut into a visible piece.
+        let long = format!("{} SECRETSECRETSECRET", "x".repeat(490));
+        assert!(!refusal(500, &long, &["SECRETSECRETSECRET"]).contains("SECRET"));
+    }
+
+    #[test]
+    fn anything_shaped_like_a_token_is_hidden() {
+        let jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJhY21lOnNreXdhdGNoIn0.c2lnbmF0dXJlc2lnbmF0dXJl";
+        let text = format!(
+            "bad subject_token={jwt}, bearer ya29.c.abcdef; for skywatch@p.iam.gserviceaccount.com \
+             at https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts (2026-11-27T22:40:01.123Z)"
+        );
+        assert_eq!(
+            hide_token_shapes(&text),
+            "bad subject_token=(hidden), bearer (hidden); for skywatch@p.iam.gserviceaccount.com \
+             at https://iamcredentials.googleapis.com/v1/projects/-/serviceAccounts (2026-11-27T22:40:01.123Z)"
+        );
+        assert_eq!(hide_token_shapes(""), "");
+        assert_eq!(hide_token_shapes("a.b.c"), "a.b.c");
     }
 
     #[test]
