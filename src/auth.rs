@@ -44,6 +44,49 @@ pub enum Credentials {
     Keyless(WorkloadIdentity),
 }
 
+/// Why no access token could be had.
+#[derive(Debug)]
+pub struct TokenError {
+    /// What went wrong, with the endpoint's status and words: safe to log,
+    /// never token material.
+    pub reason: String,
+    /// An endpoint answered and refused (a 4xx other than 408 and 429): a
+    /// revoked key, a disabled account, a provider that does not trust this
+    /// app. Only a person can fix that. Otherwise (no answer, a 5xx, an
+    /// answer that could not be read) the failure may pass by itself.
+    pub refused: bool,
+}
+
+impl TokenError {
+    fn answered(status: u16, reason: String) -> TokenError {
+        TokenError {
+            reason,
+            refused: (400..500).contains(&status) && status != 408 && status != 429,
+        }
+    }
+}
+
+impl From<String> for TokenError {
+    fn from(reason: String) -> TokenError {
+        TokenError {
+            reason,
+            refused: false,
+        }
+    }
+}
+
+impl From<&str> for TokenError {
+    fn from(reason: &str) -> TokenError {
+        TokenError::from(reason.to_string())
+    }
+}
+
+impl std::fmt::Display for TokenError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 /// A token just obtained, and how long it stays valid.
 struct Fresh {
     value: String,
@@ -61,7 +104,12 @@ pub struct TokenSource {
 struct CachedToken {
     value: String,
     refresh_at: Instant,
+    expires_at: Instant,
 }
+
+/// A refresh failed while the cached token was still good: said once per
+/// 10 s, not on every call.
+static STILL_VALID: crate::log::Throttle = crate::log::Throttle::new();
 
 impl TokenSource {
     pub fn new(credentials: Credentials) -> TokenSource {
@@ -79,24 +127,44 @@ impl TokenSource {
 
     /// A valid access token, fetched only when the cached one is near expiry.
     /// Holding the lock while fetching makes concurrent callers wait for one
-    /// fetch instead of each making their own.
-    pub fn token(&self) -> Result<String, String> {
+    /// fetch instead of each making their own. A refresh that fails while the
+    /// cached token is still valid is no outage: that token is used until it
+    /// expires, and the refresh tried again on the next call.
+    pub fn token(&self) -> Result<String, TokenError> {
         let mut cached = self
             .cached
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(token) = cached.as_ref().filter(|t| Instant::now() < t.refresh_at) {
+        let now = Instant::now();
+        if let Some(token) = cached.as_ref().filter(|t| now < t.refresh_at) {
             return Ok(token.value.clone());
         }
-        let fresh = match &self.credentials {
-            Credentials::Key(account) => account.fetch_token(&self.agent)?,
-            Credentials::Keyless(identity) => identity.fetch_token(&self.agent)?,
+        let fetched = match &self.credentials {
+            Credentials::Key(account) => account.fetch_token(&self.agent),
+            Credentials::Keyless(identity) => identity.fetch_token(&self.agent),
+        };
+        let fresh = match (fetched, cached.as_ref()) {
+            (Ok(fresh), _) => fresh,
+            (Err(err), Some(old)) if now < old.expires_at => {
+                if let Some(held) = STILL_VALID.allow() {
+                    crate::warn!(
+                        "cannot renew the access token ({err}); using the current one for its last {} s{}",
+                        old.expires_at.saturating_duration_since(now).as_secs(),
+                        crate::log::suppressed(held)
+                    );
+                }
+                return Ok(old.value.clone());
+            }
+            (Err(err), _) => return Err(err),
         };
         let lifetime = fresh.lifetime;
         *cached = Some(CachedToken {
             value: fresh.value.clone(),
             // Short-lived tokens (tests use seconds) are renewed half-way.
-            refresh_at: Instant::now() + lifetime.saturating_sub(REFRESH_MARGIN).max(lifetime / 2),
+            refresh_at: now + lifetime.saturating_sub(REFRESH_MARGIN).max(lifetime / 2),
+            // A little before the issuer's own expiry, for the clocks and
+            // the time a call takes to arrive.
+            expires_at: now + lifetime.saturating_sub(lifetime.min(REFRESH_MARGIN) / 10),
         });
         Ok(fresh.value)
     }

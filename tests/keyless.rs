@@ -303,6 +303,40 @@ fn tokens_near_expiry_are_renewed_ahead_of_time() {
 }
 
 #[test]
+fn a_failed_renewal_keeps_using_the_token_while_it_is_valid() {
+    // Tokens live 10 s: renewed after 5 s, used to the last ~9 s.
+    let k = Keyless::start("keyless-stale", None, Duration::from_secs(1));
+    k.ts.set_access_token_lifetime(Duration::from_secs(10));
+    let server = Server::start_owned(&k.env("kl0000a7", "ams", None));
+    k.wait_subscribed(&server, "kl0000a7");
+    let first = k.ts.sts_exchanges().len();
+    // From now on the exchange fails, as in an STS outage.
+    k.ts.set_sts_refusal(Some((503, "temporarily_unavailable")));
+    assert!(
+        server.wait_for_log("cannot renew the access token", READY_TIMEOUT),
+        "{}",
+        server.logs()
+    );
+    assert!(k.ts.sts_exchanges().len() > first);
+    // The instance carries on with the token it has: an alert goes through,
+    // /readyz stays 200, and no Pub/Sub call went without a valid token.
+    let mut client = server.client();
+    client.send_alert(1_700_000_000_107);
+    assert_eq!(
+        client.next_alert()["timestamp"].as_u64(),
+        Some(1_700_000_000_107)
+    );
+    assert_eq!(get(server.addr, "/readyz").status, 200);
+    let refused: Vec<RequestRecord> =
+        k.ts.requests()
+            .into_iter()
+            .filter(|r| r.status == 401)
+            .collect();
+    assert!(refused.is_empty(), "{refused:#?}\n{}", server.logs());
+    assert_no_tokens(&server.logs());
+}
+
+#[test]
 fn a_refused_exchange_keeps_the_instance_unready_until_lifted() {
     let k = Keyless::start("keyless-refused", None, Duration::from_secs(10));
     k.ts.set_sts_refusal(Some((400, "invalid_grant")));

@@ -22,7 +22,7 @@ use std::fmt;
 use std::sync::Once;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{Fresh, PUBSUB_SCOPE, parse_answer, post, refusal};
+use super::{Fresh, PUBSUB_SCOPE, TokenError, parse_answer, post, refusal};
 
 const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
 
@@ -129,7 +129,7 @@ impl ServiceAccount {
 impl ServiceAccount {
     /// A new access token: the signed assertion, exchanged at the key's
     /// `token_uri` (the JWT-bearer grant).
-    pub(super) fn fetch_token(&self, agent: &ureq::Agent) -> Result<Fresh, String> {
+    pub(super) fn fetch_token(&self, agent: &ureq::Agent) -> Result<Fresh, TokenError> {
         #[derive(Deserialize)]
         struct TokenResponse {
             access_token: String,
@@ -153,9 +153,12 @@ impl ServiceAccount {
         if status != 200 {
             // Google's OAuth errors say what is wrong (invalid_grant: bad
             // signature, clock skew...).
-            return Err(format!(
-                "token request to {uri} refused: {}",
-                refusal(status, &text, &[&assertion])
+            return Err(TokenError::answered(
+                status,
+                format!(
+                    "token request to {uri} refused: {}",
+                    refusal(status, &text, &[&assertion])
+                ),
             ));
         }
         let token: TokenResponse = parse_answer(&text, &format!("token response from {uri}"))?;

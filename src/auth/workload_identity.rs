@@ -25,7 +25,7 @@ use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{CLOUD_PLATFORM_SCOPE, Fresh, parse_answer, post, refusal};
+use super::{CLOUD_PLATFORM_SCOPE, Fresh, TokenError, parse_answer, post, refusal};
 
 /// Google's name for a workload identity provider, as a template for errors.
 const PROVIDER_SHAPE: &str =
@@ -68,7 +68,7 @@ impl WorkloadIdentity {
         format!("//iam.googleapis.com/{}", self.provider)
     }
 
-    pub(super) fn fetch_token(&self, agent: &ureq::Agent) -> Result<Fresh, String> {
+    pub(super) fn fetch_token(&self, agent: &ureq::Agent) -> Result<Fresh, TokenError> {
         let fly_token = self.fly_token()?;
         let federated = self.exchange(agent, &fly_token)?;
         match &self.impersonate {
@@ -78,7 +78,7 @@ impl WorkloadIdentity {
     }
 
     /// Step 1: this Machine's OIDC token from the Fly Machine API.
-    fn fly_token(&self) -> Result<String, String> {
+    fn fly_token(&self) -> Result<String, TokenError> {
         let socket = self.fly_api_socket.display();
         let body = serde_json::json!({ "aud": self.fly_audience() }).to_string();
         let answer = crate::unix_http::post(
@@ -92,9 +92,12 @@ impl WorkloadIdentity {
         .map_err(|err| format!("no OIDC token from the Fly Machine API: {err}"))?;
         let text = String::from_utf8_lossy(&answer.body);
         if answer.status != 200 {
-            return Err(format!(
-                "the Fly Machine API at {socket} refused the OIDC token request: {}",
-                refusal(answer.status, &text, &[])
+            return Err(TokenError::answered(
+                answer.status,
+                format!(
+                    "the Fly Machine API at {socket} refused the OIDC token request: {}",
+                    refusal(answer.status, &text, &[])
+                ),
             ));
         }
         // The documented answer is the raw JWT; a JSON string is taken too.
@@ -104,16 +107,16 @@ impl WorkloadIdentity {
             None => text.to_string(),
         };
         if !is_jwt(&token) {
-            return Err(format!(
+            return Err(TokenError::from(format!(
                 "the Fly Machine API at {socket} answered 200 with something that is not a JWT ({} bytes)",
                 answer.body.len()
-            ));
+            )));
         }
         Ok(token)
     }
 
     /// Step 2: the Fly token for a federated access token, at Google's STS.
-    fn exchange(&self, agent: &ureq::Agent, fly_token: &str) -> Result<Fresh, String> {
+    fn exchange(&self, agent: &ureq::Agent, fly_token: &str) -> Result<Fresh, TokenError> {
         #[derive(Deserialize)]
         struct ExchangeResponse {
             access_token: String,
@@ -138,10 +141,13 @@ impl WorkloadIdentity {
             form.as_bytes(),
         )?;
         if status != 200 {
-            return Err(format!(
-                "the Security Token Service ({url}) refused the Fly token for {}: {}",
-                self.provider,
-                refusal(status, &text, &[fly_token])
+            return Err(TokenError::answered(
+                status,
+                format!(
+                    "the Security Token Service ({url}) refused the Fly token for {}: {}",
+                    self.provider,
+                    refusal(status, &text, &[fly_token])
+                ),
             ));
         }
         let answer: ExchangeResponse = parse_answer(&text, &format!("the answer of {url}"))?;
@@ -157,7 +163,7 @@ impl WorkloadIdentity {
         agent: &ureq::Agent,
         email: &str,
         federated: &str,
-    ) -> Result<Fresh, String> {
+    ) -> Result<Fresh, TokenError> {
         #[derive(Deserialize)]
         #[serde(rename_all = "camelCase")]
         struct GenerateAccessTokenResponse {
@@ -181,9 +187,12 @@ impl WorkloadIdentity {
             body.as_bytes(),
         )?;
         if status != 200 {
-            return Err(format!(
-                "generateAccessToken for {email} ({url}) refused: {}",
-                refusal(status, &text, &[federated])
+            return Err(TokenError::answered(
+                status,
+                format!(
+                    "generateAccessToken for {email} ({url}) refused: {}",
+                    refusal(status, &text, &[federated])
+                ),
             ));
         }
         let answer: GenerateAccessTokenResponse =

@@ -31,7 +31,7 @@
 
 use super::dedupe::{SeenAlerts, Sight};
 use super::{Broker, Delivery, PublishError};
-use crate::auth::TokenSource;
+use crate::auth::{TokenError, TokenSource};
 use crate::log::{Throttle, suppressed};
 use crate::message::Alert;
 use crate::metrics::METRICS;
@@ -887,7 +887,7 @@ pub enum ApiError {
     /// No answer: connection refused, timeout, TLS, unreadable body.
     Transport(String),
     /// No access token could be had.
-    Auth(String),
+    Auth(TokenError),
 }
 
 /// What a failed call means, and so what to do about it, by Google's
@@ -908,7 +908,7 @@ enum Failure {
     Passing,
     /// Waits for a person: FAILED_PRECONDITION (billing not enabled, a
     /// resource-location policy that forbids the region), PERMISSION_DENIED
-    /// and UNAUTHENTICATED (a role or a key), no access token, and any status
+    /// and UNAUTHENTICATED (a role or a key), a token endpoint that refused, and any status
     /// not named here. Logged as an error, retried slowly, shown in /readyz;
     /// alerts wait for the fix up to PUBSUB_PUBLISH_TIMEOUT.
     NeedsPerson,
@@ -923,9 +923,11 @@ impl ApiError {
     fn failure(&self) -> Failure {
         let (code, status) = match self {
             ApiError::Transport(_) => return Failure::Passing,
-            // The token endpoint refused (a revoked key, a disabled account)
-            // or could not be reached; either way a person should look.
-            ApiError::Auth(_) => return Failure::NeedsPerson,
+            // A token endpoint that refused (a revoked key, a provider that
+            // does not trust this app) needs a person; one that did not
+            // answer, or answered 5xx, may come back by itself.
+            ApiError::Auth(err) if err.refused => return Failure::NeedsPerson,
+            ApiError::Auth(_) => return Failure::Passing,
             ApiError::Status { code, status, .. } => (*code, status.as_str()),
         };
         match status {
@@ -1352,9 +1354,17 @@ mod tests {
             ApiError::Transport("reset".into()).failure(),
             Failure::Passing
         );
+        let token_error = |refused| TokenError {
+            reason: "no".into(),
+            refused,
+        };
         assert_eq!(
-            ApiError::Auth("refused".into()).failure(),
+            ApiError::Auth(token_error(true)).failure(),
             Failure::NeedsPerson
+        );
+        assert_eq!(
+            ApiError::Auth(token_error(false)).failure(),
+            Failure::Passing
         );
     }
 
