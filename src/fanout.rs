@@ -1,6 +1,6 @@
 //! The fan-out thread: the only code that writes to a client socket.
 //!
-//! Each connection's socket thread owns the read half of its socket; when the
+//! Each connection's connection thread owns the read half of its socket; when the
 //! handshake is done it hands a shared handle to the socket (the write half)
 //! to this thread in [`Event::Join`] and never writes to the socket again. From then
 //! on everything a client receives — the greeting, alerts, replies, pongs,
@@ -29,6 +29,8 @@
 //! counts this thread's own clients.
 
 use crate::broker::{Broker, Delivery};
+use crate::clock::{now_ms, wall_ms};
+use crate::frames::{self, close_frame, text_frame};
 use crate::message::{self, Alert};
 use crate::metrics::METRICS;
 use crate::presence::{Heartbeat, Presence};
@@ -41,16 +43,13 @@ use std::io;
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::sync::Arc;
-use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tungstenite::protocol::CloseFrame;
-use tungstenite::protocol::frame::Frame;
-use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use std::time::{Duration, Instant};
+use tungstenite::protocol::frame::coding::CloseCode;
 
 pub type ClientId = u64;
 
-/// What socket threads (and `main`, for shutdown) tell the fan-out thread.
+/// What connection threads (and `main`, for shutdown) tell the fan-out thread.
 pub enum Event {
     /// A client finished its handshake. `writer` is its socket's write half,
     /// owned here from now on; `greeting` is written before anything else.
@@ -66,7 +65,7 @@ pub enum Event {
     Send { id: ClientId, frames: Vec<u8> },
     /// Send this close frame, then nothing more.
     Close { id: ClientId, frame: Vec<u8> },
-    /// The client's socket thread has ended.
+    /// The client's connection thread has ended.
     Leave { id: ClientId },
     /// Close every client with 1001 (going away) and return once they are
     /// gone or `deadline` passes.
@@ -129,20 +128,6 @@ const DELIVERIES_PER_TURN: usize = 4096;
 /// waits at most this many single-client writes.
 const EVENTS_PER_TURN: usize = 64;
 
-static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
-
-/// Milliseconds on a process-wide monotonic clock, for `last_seen` stamps.
-pub fn now_ms() -> u64 {
-    EPOCH.elapsed().as_millis() as u64
-}
-
-/// Milliseconds since the Unix epoch, for the windows of summaries.
-fn wall_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Runs the fan-out thread until shutdown completes (or every sender of
 /// `events` is gone).
 pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<Event>) {
@@ -163,7 +148,7 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
         behind: HashSet::new(),
         next_ping_check: Instant::now() + limits.ping_interval,
         stopping: None,
-        ping: encode(Frame::ping(Vec::new())),
+        ping: frames::ping(),
         going_away: close_frame(CloseCode::Away, "server shutting down"),
     };
     let never = crossbeam_channel::never();
@@ -678,11 +663,6 @@ struct Outbox {
     alerts: u64,
 }
 
-/// A complete text frame carrying `text`.
-pub fn text_frame(text: String) -> Vec<u8> {
-    encode(Frame::message(text, OpCode::Data(Data::Text), true))
-}
-
 /// Why a client was disconnected by the fan-out thread.
 enum Gone {
     Io(io::Error),
@@ -777,7 +757,7 @@ impl Client {
         Ok(())
     }
 
-    /// Ends the connection: the socket thread's blocked read returns at once
+    /// Ends the connection: the connection thread's blocked read returns at once
     /// and it cleans up.
     fn disconnect(&self) {
         let _ = self.writer.shutdown(Shutdown::Both);
@@ -786,7 +766,7 @@ impl Client {
 
 /// Writes what the socket's buffer takes now, without blocking.
 ///
-/// The socket thread blocks reading the same descriptor, so O_NONBLOCK,
+/// The connection thread blocks reading the same descriptor, so O_NONBLOCK,
 /// which would apply to its reads too, cannot be used; MSG_DONTWAIT makes
 /// just this call non-blocking. MSG_NOSIGNAL turns a
 /// peer's reset into EPIPE instead of a signal.
@@ -806,21 +786,4 @@ fn send_nonblocking(writer: BorrowedFd<'_>, mut bytes: &[u8]) -> io::Result<usiz
         }
     }
     Ok(written)
-}
-
-/// Encodes one server frame (unmasked) into bytes ready for the socket.
-pub fn encode(frame: Frame) -> Vec<u8> {
-    let mut out = Vec::with_capacity(frame.len());
-    frame
-        .format(&mut out)
-        .expect("writing to a Vec cannot fail");
-    out
-}
-
-/// An encoded close frame with `code` and a short human `reason`.
-pub fn close_frame(code: CloseCode, reason: &'static str) -> Vec<u8> {
-    encode(Frame::close(Some(CloseFrame {
-        code,
-        reason: reason.into(),
-    })))
 }

@@ -11,10 +11,10 @@
 
 use crate::address::{Addresses, Person, Refused};
 use crate::config::normalize_origin;
+use crate::connection;
 use crate::fanout::ClientId;
 use crate::log::{Throttle, suppressed};
 use crate::metrics::{METRICS, Refusal};
-use crate::socket::{self, SessionContext};
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use std::borrow::Cow;
 use std::collections::VecDeque;
@@ -66,7 +66,7 @@ pub struct HttpSettings {
 /// Shared by the acceptor and every connection thread.
 pub struct Server {
     pub settings: HttpSettings,
-    pub session: SessionContext,
+    pub connection: connection::Context,
     /// Limits per source address.
     addresses: Arc<Addresses>,
     /// Open connections of any kind (each has a thread).
@@ -87,10 +87,14 @@ struct Pending {
 }
 
 impl Server {
-    pub fn new(settings: HttpSettings, session: SessionContext, addresses: Addresses) -> Server {
+    pub fn new(
+        settings: HttpSettings,
+        connection: connection::Context,
+        addresses: Addresses,
+    ) -> Server {
         Server {
             settings,
-            session,
+            connection,
             addresses: Arc::new(addresses),
             connections: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
@@ -214,7 +218,7 @@ fn accept_loop(listener: &TcpListener, server: &Arc<Server>, stopping: &AtomicBo
 /// stack: the HTTP request (and the handshake), then the WebSocket session.
 ///
 /// Why two steps: a thread keeps every stack page it has ever touched for as
-/// long as it lives, and a WebSocket thread lives for hours. Glibc's thread
+/// long as it lives, and a WebConnection thread lives for hours. Glibc's thread
 /// block and Rust's thread start already use ~4.8 KiB of the top page pair;
 /// if the session ran inside the request handler, its frames would sit below
 /// the handler's (request buffers, header table) and the thread would keep a
@@ -234,7 +238,7 @@ fn connection_thread(stream: TcpStream, server: &Server, pending: Option<u64>) {
         slot,
         person,
     } = client;
-    socket::serve(id, stream, already_read, since, person, &server.session);
+    connection::serve(id, stream, already_read, since, person, &server.connection);
     drop(slot);
 }
 
@@ -279,7 +283,7 @@ fn release_stack_below_here() {
     }
 }
 
-/// A connection whose WebSocket handshake is done, ready for `socket::serve`.
+/// A connection whose WebSocket handshake is done, ready for `connection::serve`.
 struct Upgraded<'a> {
     id: ClientId,
     stream: TcpStream,
@@ -393,7 +397,7 @@ fn handle_connection(
         ("/healthz", "GET" | "HEAD") => Response::text(200, "ok"),
         // Ready once alerts published here reach every instance: with
         // Pub/Sub, when the subscription exists and pulling has begun.
-        ("/readyz", "GET" | "HEAD") => match server.session.broker.readiness() {
+        ("/readyz", "GET" | "HEAD") => match server.connection.broker.readiness() {
             Ok(()) => Response::text(200, "ready"),
             Err(why) => Response::text_owned(503, format!("not ready: {why}\n")),
         },
@@ -560,7 +564,7 @@ fn upgrade<'a>(
     {
         return None;
     }
-    // From here the socket thread blocks in read for as long as the client
+    // From here the connection thread blocks in read for as long as the client
     // stays; only the keepalive decides when a silent peer is gone.
     let _ = stream.set_read_timeout(None);
     let _ = stream.set_write_timeout(None);
@@ -832,7 +836,7 @@ fn respond_within(mut stream: TcpStream, response: Response, timeout: Duration) 
     let _ = stream.set_write_timeout(Some(timeout));
     if stream.write_all(&out).is_ok() {
         let _ = stream.shutdown(Shutdown::Write);
-        socket::linger(&stream, Duration::from_secs(1));
+        connection::linger(&stream, Duration::from_secs(1));
     }
 }
 

@@ -79,7 +79,7 @@ macro_rules! debug { ($($arg:tt)+) => { $crate::log_at!($crate::log::Level::Debu
 /// ```
 pub struct Throttle {
     /// When the line was last let through, in ms on the fan-out's clock
-    /// (`fanout::now_ms`), plus one (0: never).
+    /// (`clock::now_ms`), plus one (0: never).
     last: std::sync::atomic::AtomicU64,
     /// Lines held back since then.
     held: std::sync::atomic::AtomicU64,
@@ -98,7 +98,7 @@ impl Throttle {
     /// `Some(n)` when the line may be written now, `n` being how many were
     /// held back since the last one; `None` when it is held back.
     pub fn allow(&self) -> Option<u64> {
-        self.allow_at(crate::fanout::now_ms() + 1)
+        self.allow_at(crate::clock::now_ms() + 1)
     }
 
     fn allow_at(&self, now: u64) -> Option<u64> {

@@ -9,8 +9,11 @@
 mod address;
 mod auth;
 mod broker;
+mod clock;
 mod config;
+mod connection;
 mod fanout;
+mod frames;
 mod http;
 mod limits;
 mod log;
@@ -19,7 +22,6 @@ mod metrics;
 mod presence;
 mod ratelimit;
 mod recovery;
-mod socket;
 mod storm;
 mod unix_http;
 
@@ -90,7 +92,7 @@ fn run(config: Config) -> Result<(), String> {
         }
     };
 
-    // broker --deliveries--> fan-out <--events-- socket threads
+    // broker --deliveries--> fan-out <--events-- connection threads
     // (the Pub/Sub broker adds its own publisher and puller threads)
     let (deliveries_tx, deliveries_rx) = bounded(DELIVERY_QUEUE);
     let (events_tx, events_rx) = bounded(EVENT_QUEUE);
@@ -158,14 +160,14 @@ fn run(config: Config) -> Result<(), String> {
             handshake_timeout: config.handshake_timeout,
             client_ip_header: config.client_ip_header.clone(),
         },
-        socket::SessionContext {
+        connection::Context {
             region: config.region.clone(),
             instance_id: config.instance_id.clone(),
             alerts_per_second: config.alerts_per_second,
             alert_burst: config.alert_burst,
             broker: Arc::clone(&broker),
             events: events_tx.clone(),
-            greeting: socket::greeting_frame(&config.region),
+            greeting: connection::greeting_frame(&config.region),
         },
         address::Addresses::new(address::AddressLimits {
             alerts_per_second: config.address_alerts_per_second,

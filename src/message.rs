@@ -101,12 +101,55 @@ pub enum Request {
 /// (the page keys its feedback on it); `detail` is for people.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rejection {
-    pub code: &'static str,
+    pub code: RejectionCode,
     pub detail: String,
 }
 
+/// Every code a refusal can carry. One type for the parser, the connection
+/// thread, the `ERROR` reply and the metrics (`metrics::Metrics::rejected`
+/// matches on it), so a code cannot be sent without being counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RejectionCode {
+    /// Not JSON, not an object, or nested too deep.
+    InvalidJson,
+    /// A `message` this server does not take (or none).
+    UnknownMessage,
+    /// An `ALIEN_LANDING` without a usable `timestamp`.
+    InvalidAlert,
+    /// Past the client's or its address's alert rate.
+    RateLimited,
+    /// The broker cannot take the alert now (its queue is full).
+    BrokerUnavailable,
+    /// The server failed (it could not make an alert id).
+    InternalError,
+}
+
+impl RejectionCode {
+    /// In the order metrics list them.
+    pub const ALL: [RejectionCode; 6] = [
+        RejectionCode::InvalidJson,
+        RejectionCode::UnknownMessage,
+        RejectionCode::InvalidAlert,
+        RejectionCode::RateLimited,
+        RejectionCode::BrokerUnavailable,
+        RejectionCode::InternalError,
+    ];
+
+    /// The code as the `error` field of an `ERROR` reply says it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RejectionCode::InvalidJson => "invalid_json",
+            RejectionCode::UnknownMessage => "unknown_message",
+            RejectionCode::InvalidAlert => "invalid_alert",
+            RejectionCode::RateLimited => "rate_limited",
+            RejectionCode::BrokerUnavailable => "broker_unavailable",
+            RejectionCode::InternalError => "internal_error",
+        }
+    }
+}
+
 impl Rejection {
-    pub fn new(code: &'static str, detail: impl Into<String>) -> Rejection {
+    pub fn new(code: RejectionCode, detail: impl Into<String>) -> Rejection {
         Rejection {
             code,
             detail: detail.into(),
@@ -119,30 +162,34 @@ impl Rejection {
 pub fn parse_request(text: &str) -> Result<Request, Rejection> {
     if nesting_depth(text) > MAX_JSON_DEPTH {
         return Err(Rejection::new(
-            "invalid_json",
+            RejectionCode::InvalidJson,
             format!("nested deeper than {MAX_JSON_DEPTH} levels"),
         ));
     }
-    let fields: Map<String, Value> = serde_json::from_str(text)
-        .map_err(|err| Rejection::new("invalid_json", format!("expected a JSON object: {err}")))?;
+    let fields: Map<String, Value> = serde_json::from_str(text).map_err(|err| {
+        Rejection::new(
+            RejectionCode::InvalidJson,
+            format!("expected a JSON object: {err}"),
+        )
+    })?;
     match fields.get("message") {
         Some(Value::String(kind)) if kind == "ALIEN_LANDING" => {
             let timestamp = parse_timestamp(fields.get("timestamp"))?;
             Ok(Request::AlienLanding { timestamp })
         }
         Some(Value::String(kind)) => Err(Rejection::new(
-            "unknown_message",
+            RejectionCode::UnknownMessage,
             format!(
                 "unknown message {:?}; expected \"ALIEN_LANDING\"",
                 kind.chars().take(40).collect::<String>()
             ),
         )),
         Some(_) => Err(Rejection::new(
-            "unknown_message",
+            RejectionCode::UnknownMessage,
             "\"message\" must be a string",
         )),
         None => Err(Rejection::new(
-            "unknown_message",
+            RejectionCode::UnknownMessage,
             "missing \"message\" field",
         )),
     }
@@ -177,7 +224,7 @@ fn nesting_depth(text: &str) -> usize {
 }
 
 fn parse_timestamp(value: Option<&Value>) -> Result<u64, Rejection> {
-    let invalid = |why: &str| Rejection::new("invalid_alert", why.to_string());
+    let invalid = |why: &str| Rejection::new(RejectionCode::InvalidAlert, why.to_string());
     match value {
         None => Err(invalid(
             "missing \"timestamp\" (milliseconds since the epoch)",
@@ -213,7 +260,7 @@ pub const MAX_ERROR_BYTES: usize = 256;
 /// is cut short to keep it within [`MAX_ERROR_BYTES`].
 pub fn error(rejection: &Rejection) -> String {
     let reply = |detail: &str| {
-        serde_json::json!({ "message": "ERROR", "error": rejection.code, "detail": detail })
+        serde_json::json!({ "message": "ERROR", "error": rejection.code.as_str(), "detail": detail })
             .to_string()
     };
     let text = reply(&rejection.detail);
@@ -257,7 +304,10 @@ mod tests {
     use super::*;
 
     fn code(text: &str) -> &'static str {
-        parse_request(text).expect_err("should be rejected").code
+        parse_request(text)
+            .expect_err("should be rejected")
+            .code
+            .as_str()
     }
 
     #[test]
@@ -376,7 +426,10 @@ mod tests {
             "\u{1}".repeat(1000),
             "é".repeat(2000),
         ] {
-            let text = error(&Rejection::new("unknown_message", detail.clone()));
+            let text = error(&Rejection::new(
+                RejectionCode::UnknownMessage,
+                detail.clone(),
+            ));
             assert!(text.len() <= MAX_ERROR_BYTES, "{} bytes", text.len());
             let v: Value = serde_json::from_str(&text).unwrap();
             assert_eq!(v["error"], "unknown_message");

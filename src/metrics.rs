@@ -6,6 +6,7 @@
 //! (https://prometheus.io/docs/instrumenting/exposition_formats/), which is
 //! simple enough that a client library would add more than it saves.
 
+use crate::message::RejectionCode;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::Duration;
@@ -101,15 +102,6 @@ impl<const N: usize> Histogram<N> {
     }
 }
 
-/// The codes a client's message can be refused with (message.rs), each
-/// counted on its own; `rate_limited` has a metric of its own.
-pub const REJECTION_CODES: [&str; 4] = [
-    "invalid_json",
-    "unknown_message",
-    "invalid_alert",
-    "broker_unavailable",
-];
-
 /// Why a connection was refused or dropped before it became a client.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -196,8 +188,12 @@ pub struct Metrics {
     pub alerts_replayed: Counter,
     /// Alerts refused because their client sent too many.
     pub alerts_rate_limited: Counter,
-    /// Other refused client messages, by [`REJECTION_CODES`] index.
-    pub rejected: [Counter; REJECTION_CODES.len()],
+    /// Refused client messages, by code (see [`Metrics::rejected`]).
+    invalid_json: Counter,
+    unknown_message: Counter,
+    invalid_alert: Counter,
+    broker_unavailable: Counter,
+    internal_error: Counter,
     pub slow_clients_dropped: Counter,
     pub publish_errors: Counter,
     /// Alerts dropped unpublished, by [`Unpublished`] (in `Unpublished::ALL` order).
@@ -227,7 +223,11 @@ impl Metrics {
             alerts_delivered: Counter::new(),
             alerts_replayed: Counter::new(),
             alerts_rate_limited: Counter::new(),
-            rejected: [const { Counter::new() }; REJECTION_CODES.len()],
+            invalid_json: Counter::new(),
+            unknown_message: Counter::new(),
+            invalid_alert: Counter::new(),
+            broker_unavailable: Counter::new(),
+            internal_error: Counter::new(),
             slow_clients_dropped: Counter::new(),
             publish_errors: Counter::new(),
             unpublished: [const { Counter::new() }; Unpublished::ALL.len()],
@@ -254,13 +254,22 @@ impl Metrics {
         }
     }
 
-    /// Counts a refused message by its code; an unknown code (a bug) is
-    /// counted nowhere rather than crash the socket thread.
-    pub fn rejected(&self, code: &str) {
-        if code == "rate_limited" {
-            self.alerts_rate_limited.inc();
-        } else if let Some(i) = REJECTION_CODES.iter().position(|c| *c == code) {
-            self.rejected[i].inc();
+    /// Counts a refused message by its code. `rate_limited` has a metric of
+    /// its own (a person pressing too often is not an error).
+    pub fn rejected(&self, code: RejectionCode) {
+        self.rejection_counter(code).inc();
+    }
+
+    /// Where each code is counted: a match, so a new code does not compile
+    /// until it has a counter.
+    fn rejection_counter(&self, code: RejectionCode) -> &Counter {
+        match code {
+            RejectionCode::InvalidJson => &self.invalid_json,
+            RejectionCode::UnknownMessage => &self.unknown_message,
+            RejectionCode::InvalidAlert => &self.invalid_alert,
+            RejectionCode::RateLimited => &self.alerts_rate_limited,
+            RejectionCode::BrokerUnavailable => &self.broker_unavailable,
+            RejectionCode::InternalError => &self.internal_error,
         }
     }
 
@@ -322,11 +331,15 @@ impl Metrics {
              (rate limiting has its own metric).\n\
              # TYPE skywatch_messages_rejected_total counter"
         );
-        for (code, count) in REJECTION_CODES.iter().zip(&self.rejected) {
+        for code in RejectionCode::ALL {
+            if code == RejectionCode::RateLimited {
+                continue;
+            }
             let _ = writeln!(
                 out,
-                "skywatch_messages_rejected_total{{code=\"{code}\"}} {}",
-                count.get()
+                "skywatch_messages_rejected_total{{code=\"{}\"}} {}",
+                code.as_str(),
+                self.rejection_counter(code).get()
             );
         }
         counter(
@@ -492,11 +505,35 @@ mod tests {
     }
 
     #[test]
+    fn every_rejection_code_is_counted_where_the_readme_says() {
+        let m = Metrics::new();
+        for (n, code) in RejectionCode::ALL.into_iter().enumerate() {
+            for _ in 0..=n {
+                m.rejected(code);
+            }
+        }
+        let text = m.render("local", "ams");
+        for (n, code) in RejectionCode::ALL.into_iter().enumerate() {
+            let line = match code {
+                RejectionCode::RateLimited => {
+                    format!("skywatch_alerts_rate_limited_total {}", n + 1)
+                }
+                _ => format!(
+                    "skywatch_messages_rejected_total{{code=\"{}\"}} {}",
+                    code.as_str(),
+                    n + 1
+                ),
+            };
+            assert!(text.contains(&line), "no {line:?} in\n{text}");
+        }
+    }
+
+    #[test]
     fn every_metric_has_help_and_type() {
         let m = Metrics::new();
-        m.rejected("rate_limited");
-        m.rejected("invalid_json");
-        m.rejected("no_such_code");
+        m.rejected(RejectionCode::RateLimited);
+        m.rejected(RejectionCode::InvalidJson);
+        m.rejected(RejectionCode::InternalError);
         let text = m.render("local", "ams");
         let mut typed = std::collections::HashSet::new();
         for line in text.lines() {

@@ -10,10 +10,11 @@
 
 use crate::address::Person;
 use crate::broker::{Broker, PublishError};
-use crate::fanout::{self, ClientId, Event};
-use crate::message::{self, Alert, Rejection, Request};
+use crate::fanout::{ClientId, Event};
+use crate::message::{self, Alert, Rejection, RejectionCode, Request};
 use crate::metrics::METRICS;
 use crate::ratelimit::TokenBucket;
+use crate::{clock, frames};
 use crossbeam_channel::Sender;
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -36,8 +37,8 @@ const READ_BUFFER: usize = 256;
 /// How long to wait for the client's close frame after sending ours.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
-/// What a socket thread needs from the rest of the server.
-pub struct SessionContext {
+/// What a connection thread needs from the rest of the server.
+pub struct Context {
     pub region: String,
     pub instance_id: String,
     pub alerts_per_second: f64,
@@ -50,7 +51,7 @@ pub struct SessionContext {
 
 /// The encoded `CONNECTED` frame for this instance's clients.
 pub fn greeting_frame(region: &str) -> Arc<[u8]> {
-    fanout::text_frame(message::connected(region)).into()
+    frames::text_frame(message::connected(region)).into()
 }
 
 /// The socket's read side, as tungstenite sees it. Reads come from the
@@ -60,18 +61,18 @@ pub fn greeting_frame(region: &str) -> Arc<[u8]> {
 ///
 /// The socket is shared with the fan-out thread (an `Arc`, not a `dup`): one
 /// descriptor per client, so the open-file limit counts clients one to one.
-struct ReadHalf {
+struct SplitSocket {
     socket: Arc<TcpStream>,
     out: Vec<u8>,
 }
 
-impl Read for ReadHalf {
+impl Read for SplitSocket {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         (&*self.socket).read(buf)
     }
 }
 
-impl Write for ReadHalf {
+impl Write for SplitSocket {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.out.extend_from_slice(buf);
         Ok(buf.len())
@@ -97,8 +98,8 @@ fn websocket_config() -> WebSocketConfig {
 /// there keep the deepest call within the thread's first two stack pages
 /// (see `http::connection_thread`).
 #[inline(never)]
-fn websocket(socket: Arc<TcpStream>, already_read: Vec<u8>) -> Box<WebSocket<ReadHalf>> {
-    let read_half = ReadHalf {
+fn websocket(socket: Arc<TcpStream>, already_read: Vec<u8>) -> Box<WebSocket<SplitSocket>> {
+    let read_half = SplitSocket {
         socket,
         out: Vec::new(),
     };
@@ -119,13 +120,13 @@ pub fn serve(
     already_read: Vec<u8>,
     since: Option<Box<str>>,
     person: Person,
-    ctx: &SessionContext,
+    ctx: &Context,
 ) {
     let socket = Arc::new(socket);
     let writer = Arc::clone(&socket);
-    let last_seen = Arc::new(AtomicU64::new(fanout::now_ms()));
+    let last_seen = Arc::new(AtomicU64::new(clock::now_ms()));
     let mut ws = websocket(socket, already_read);
-    let mut session = Session {
+    let mut connection = Connection {
         id,
         ctx,
         bucket: TokenBucket::new(ctx.alerts_per_second, ctx.alert_burst, Instant::now()),
@@ -143,7 +144,7 @@ pub fn serve(
         return; // the fan-out thread is gone: the server is stopping
     }
     crate::debug!("client {id}: connected");
-    let ending = session.read_loop(&mut ws, &last_seen);
+    let ending = connection.read_loop(&mut ws, &last_seen);
     if let Some((code, reason)) = ending {
         close(&mut ws, id, ctx, code, reason);
     }
@@ -157,16 +158,16 @@ pub fn serve(
 /// `http::connection_thread`).
 #[inline(never)]
 fn close(
-    ws: &mut WebSocket<ReadHalf>,
+    ws: &mut WebSocket<SplitSocket>,
     id: ClientId,
-    ctx: &SessionContext,
+    ctx: &Context,
     code: CloseCode,
     reason: &'static str,
 ) {
     crate::debug!("client {id}: closing with {}: {reason}", u16::from(code));
     let _ = ctx.events.send(Event::Close {
         id,
-        frame: fanout::close_frame(code, reason),
+        frame: frames::close_frame(code, reason),
     });
     // After a whole bad message (binary, invalid UTF-8) tungstenite is still
     // in step with the client and can see its close reply, so we close as
@@ -179,9 +180,9 @@ fn close(
     }
 }
 
-struct Session<'a> {
+struct Connection<'a> {
     id: ClientId,
-    ctx: &'a SessionContext,
+    ctx: &'a Context,
     /// This connection's alert bucket.
     bucket: TokenBucket,
     /// Its address's buckets, which outlive it.
@@ -194,14 +195,14 @@ type Ending = Option<(CloseCode, &'static str)>;
 const TOO_MANY_CONTROL: (CloseCode, &str) =
     (CloseCode::Policy, "too many pings or invalid messages");
 
-impl Session<'_> {
+impl Connection<'_> {
     /// Reads until the connection ends. Returns the close frame to send when
     /// the server is the one ending it.
-    fn read_loop(&mut self, ws: &mut WebSocket<ReadHalf>, last_seen: &AtomicU64) -> Ending {
+    fn read_loop(&mut self, ws: &mut WebSocket<SplitSocket>, last_seen: &AtomicU64) -> Ending {
         loop {
             let result = ws.read();
             if result.is_ok() {
-                last_seen.store(fanout::now_ms(), Ordering::Relaxed);
+                last_seen.store(clock::now_ms(), Ordering::Relaxed);
                 // Pushes out a pong or close echo tungstenite queued while reading.
                 let _ = ws.flush();
             }
@@ -247,7 +248,7 @@ impl Session<'_> {
     /// Answers one text message: `ACCEPTED` or an `ERROR`. Returns how the
     /// connection ends when this message was one invalid message too many.
     #[inline(never)]
-    fn handle_text(&mut self, ws: &mut WebSocket<ReadHalf>, text: &str) -> Ending {
+    fn handle_text(&mut self, ws: &mut WebSocket<SplitSocket>, text: &str) -> Ending {
         let outcome = message::parse_request(text).and_then(|request| match request {
             Request::AlienLanding { timestamp } => self.report_landing(timestamp),
         });
@@ -258,12 +259,12 @@ impl Session<'_> {
                 crate::debug!(
                     "client {}: rejected: {} ({})",
                     self.id,
-                    rejection.code,
+                    rejection.code.as_str(),
                     rejection.detail
                 );
                 // A person pressing too often is not an attacker: only other
                 // refusals spend the control budget.
-                if rejection.code != "rate_limited" && !self.control_allowed() {
+                if rejection.code != RejectionCode::RateLimited && !self.control_allowed() {
                     return Some(TOO_MANY_CONTROL);
                 }
                 message::error(&rejection)
@@ -293,7 +294,7 @@ impl Session<'_> {
         let now = Instant::now();
         if !self.bucket.try_take(now) {
             return Err(Rejection::new(
-                "rate_limited",
+                RejectionCode::RateLimited,
                 format!(
                     "too many alerts: at most {} per second, {} at once",
                     self.ctx.alerts_per_second, self.ctx.alert_burst
@@ -302,12 +303,15 @@ impl Session<'_> {
         }
         if !self.person.take_alert(now) {
             return Err(Rejection::new(
-                "rate_limited",
+                RejectionCode::RateLimited,
                 "too many alerts from your network at once; try again in a moment",
             ));
         }
         let id = message::new_alert_id().map_err(|err| {
-            Rejection::new("internal_error", format!("cannot make an alert id: {err}"))
+            Rejection::new(
+                RejectionCode::InternalError,
+                format!("cannot make an alert id: {err}"),
+            )
         })?;
         let reply = message::accepted(&id);
         let alert = Alert {
@@ -317,7 +321,9 @@ impl Session<'_> {
             id,
         };
         self.ctx.broker.publish(alert).map_err(|err| match err {
-            PublishError::Unavailable => Rejection::new("broker_unavailable", err.to_string()),
+            PublishError::Unavailable => {
+                Rejection::new(RejectionCode::BrokerUnavailable, err.to_string())
+            }
         })?;
         METRICS.alerts_received.inc();
         Ok(reply)
@@ -325,7 +331,7 @@ impl Session<'_> {
 
     /// Encodes a text message through tungstenite (so its state stays right)
     /// and returns the frame bytes.
-    fn encode_text(&self, ws: &mut WebSocket<ReadHalf>, text: String) -> Vec<u8> {
+    fn encode_text(&self, ws: &mut WebSocket<SplitSocket>, text: String) -> Vec<u8> {
         if let Err(err) = ws.send(Message::text(text)) {
             crate::debug!("client {}: cannot encode reply: {err}", self.id);
         }
@@ -333,7 +339,7 @@ impl Session<'_> {
     }
 
     /// Hands frames tungstenite wrote (pongs, close echoes) to the fan-out.
-    fn forward(&self, ws: &mut WebSocket<ReadHalf>) {
+    fn forward(&self, ws: &mut WebSocket<SplitSocket>) {
         let frames = std::mem::take(&mut ws.get_mut().out);
         if !frames.is_empty() {
             let _ = self.ctx.events.send(Event::Send {
@@ -345,7 +351,7 @@ impl Session<'_> {
 }
 
 /// Reads until the client answers our close frame, or `within` passes.
-fn await_close_reply(ws: &mut WebSocket<ReadHalf>, within: Duration) {
+fn await_close_reply(ws: &mut WebSocket<SplitSocket>, within: Duration) {
     let deadline = Instant::now() + within;
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
