@@ -1724,11 +1724,16 @@ fn local_page_names_regions_reports_refusals_and_shows_text_as_text() {
     );
 }
 
-/// Cheap checks on the file itself: self-contained, and no API that parses
-/// strings as HTML.
+/// Cheap checks on the page as served (index.html with the map's outline
+/// spliced in by build.rs): self-contained, and no API that parses strings
+/// as HTML.
 #[test]
 fn page_is_one_self_contained_file_without_html_parsing() {
-    let html = include_str!("../index.html");
+    let html = include_str!(concat!(env!("OUT_DIR"), "/index.html"));
+    assert!(
+        html.contains(include_str!("../assets/world-map.svg").trim_end()),
+        "the built page lacks the map"
+    );
     for api in [
         "innerHTML",
         "outerHTML",
