@@ -1780,6 +1780,63 @@ fn page_is_one_self_contained_file_without_html_parsing() {
     assert!(html.contains("${location.host}/ws"));
 }
 
+/// The page's table of regions (`const REGIONS = {` in index.html), one
+/// line per region: (code, city, lat, lon). Any other line in it fails the
+/// test, so a region cannot be added without its place.
+fn page_regions() -> Vec<(String, String, f64, f64)> {
+    let html = include_str!("../index.html");
+    let start = html
+        .find("const REGIONS = {\n")
+        .expect("index.html has const REGIONS");
+    let table = &html[start..];
+    let table =
+        &table[table.find('\n').expect("a table") + 1..table.find("\n};").expect("its end")];
+    let mut out = Vec::new();
+    for line in table.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let entry = (|| {
+            let (code, rest) = line.split_once(": { city: \"")?;
+            let (city, rest) = rest.split_once("\", lat: ")?;
+            let (lat, rest) = rest.split_once(", lon: ")?;
+            let lon = rest.strip_suffix(" },")?;
+            Some((
+                code.to_string(),
+                city.to_string(),
+                lat.parse().ok()?,
+                lon.parse().ok()?,
+            ))
+        })();
+        out.push(entry.unwrap_or_else(|| {
+            panic!("not `code: {{ city: \"...\", lat: N, lon: N }},`: {line:?}")
+        }));
+    }
+    out
+}
+
+/// Every region the page names has a place on the map: a latitude within
+/// the map's crop (84°N to 60°S, assets/README.md) and a longitude.
+#[test]
+fn every_region_has_a_city_and_a_place_on_the_map() {
+    let regions = page_regions();
+    assert!(regions.len() >= 30, "only {} regions", regions.len());
+    let mut codes = std::collections::BTreeSet::new();
+    for (code, city, lat, lon) in &regions {
+        assert!(
+            code.len() == 3 && code.chars().all(|c| c.is_ascii_lowercase()),
+            "{code:?}"
+        );
+        assert!(codes.insert(code.clone()), "{code} twice");
+        assert!(!city.is_empty(), "{code} has no city");
+        assert!(
+            (-60.0..=84.0).contains(lat) && (-180.0..=180.0).contains(lon),
+            "{code} ({city}) at {lat}, {lon} is off the map"
+        );
+    }
+    // The regions the tests run instances in.
+    for code in ["ams", "syd", "lax", "sin", "lhr"] {
+        assert!(codes.contains(code), "no {code}");
+    }
+}
+
 /// Issue "Storms", point 5: 10,000 presses within about a second from the
 /// test's own clients while a page is open. With the server's default, all
 /// but ten a second reach the page as summaries' counts; then again with
