@@ -3,15 +3,15 @@
 // world-atlas (ISC). See README.md in this directory for how to rerun it.
 //
 // The page places each region's mark with the same projection, so the two
-// must agree: PROJECTION in index.html's script repeats the numbers below.
+// must agree: MAP and mapPoint in index.html's script repeat the numbers below.
 //
 //   plate carrée (equirectangular), cropped at 84°N and 60°S:
 //   x = (lon + 180) * 2000 / 360,  y = (84 - lat) * 2000 / 360
 //
 // which maps the world onto a 2000 x 800 box (1 unit = 0.18°, under half a
-// CSS pixel at the page's widest). South of
-// 60°S there is nothing but Antarctica, where no Fly region is, and the crop
-// leaves more of the page's width to the places that have one.
+// CSS pixel at the page's widest). South of 60°S there is nothing but
+// Antarctica, where no Fly region is, and the crop leaves more of the
+// page's width to the places that have one.
 
 import { readFile, writeFile } from "node:fs/promises";
 import { createRequire } from "node:module";
