@@ -20,13 +20,16 @@ RUN mkdir -p src pubsub-test-server/src loadgen/src \
     && cargo build --release --locked --bin skywatch \
     && rm -rf src
 # Skywatch itself. The test and benchmark tools keep their stubs: cargo needs
-# them to load the workspace but never builds them for the server.
+# them to load the workspace but never builds them for the server. build.rs
+# puts the map's outline (a generated file, committed) into the page; the
+# stub build above had no build script, so none of this reaches its layer.
 COPY src src
-COPY index.html ./
+COPY build.rs index.html ./
+COPY assets/world-map.svg assets/
 # touch: the stub main.rs above is newer than the real one's mtime in the image.
 RUN touch src/main.rs && cargo build --release --locked --bin skywatch
 
-# Final stage: the binary alone (index.html is built into it), glibc, CA
+# Final stage: the binary alone (the page is built into it), glibc, CA
 # certificates, and a non-root user. No key file is ever copied in: the key
 # arrives as the GOOGLE_SERVICE_ACCOUNT_JSON secret at run time.
 FROM gcr.io/distroless/cc-debian13:nonroot

@@ -25,8 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// The page, built into the binary so a deploy is one file.
-const INDEX_HTML: &str = include_str!("../index.html");
+/// The page, built into the binary so a deploy is one file: index.html with
+/// the map's outline spliced in by build.rs.
+const INDEX_HTML: &str = include_str!(concat!(env!("OUT_DIR"), "/index.html"));
 
 /// Largest request head accepted. Browsers send well under 2 KiB.
 const MAX_HEAD_BYTES: usize = 8 * 1024;

@@ -6,14 +6,21 @@
 //! page on each, presses the button, stops and restarts one instance and
 //! checks that its page comes back by itself, then makes a small storm on
 //! both instances. Screenshots go to `target/browser-test/` (the test prints
-//! the paths); with `SKYWATCH_UPDATE_SCREENSHOTS=1` they are also copied to
-//! `docs/`.
+//! the paths); with `SKYWATCH_UPDATE_SCREENSHOTS=1` the map test's two are
+//! also copied to `docs/`.
 //!
 //! The storm test (issue "Storms", point 5) presses 10,000 times from the
 //! test's own clients while a page is open, and checks the page's counts,
-//! its bounded list, its sum-ups for screen readers and its main thread
-//! (Long Tasks API, weighed by the CPU time the renderer's main thread
-//! used, read from /proc).
+//! its bounded list, its sum-ups for screen readers, its map and its main
+//! thread (Long Tasks API, weighed by the CPU time the renderer's main
+//! thread used, read from /proc).
+//!
+//! The map tests (issue 15) join three instances in three regions through
+//! `pubsub-test-server` (a press pulses its region on every page, a storm
+//! sizes the marks by count, the caption names the regions; their
+//! screenshots are the README's), and check the map with reduced motion
+//! (nothing moves, fading in steps), for a server without a region ("on
+//! this machine") and for an unknown region ("elsewhere").
 //!
 //! `chromium` and `chromedriver` are looked up on PATH (Debian:
 //! `apt-get install chromium chromium-driver`, which .ci/run does). Where
@@ -23,6 +30,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::unix::process::CommandExt;
@@ -342,6 +350,18 @@ struct View {
     /// over or away.
     storm: String,
     storm_state: String,
+    /// The map's marks that are shown: region code -> radius, and opacity.
+    marks: BTreeMap<String, f64>,
+    mark_opacity: BTreeMap<String, f64>,
+    /// The map's watcher rings that are shown: region code -> radius.
+    rings: BTreeMap<String, f64>,
+    /// The map's caption: its landings sentence and its watchers sentence.
+    map_landings: String,
+    map_watching: String,
+    /// With [`MAP_PROBE`] installed: the region of every animation seen on
+    /// the page since, in the order they started ("-" for one outside the
+    /// map's marks).
+    animated: Vec<String>,
 }
 
 impl View {
@@ -350,6 +370,17 @@ impl View {
     fn reports(&self) -> Option<u64> {
         leading_count(&self.tally)
     }
+}
+
+/// A JSON object of numbers as a map (anything else left out).
+fn numbers_by_key(v: &Value) -> BTreeMap<String, f64> {
+    v.as_object()
+        .map(|o| {
+            o.iter()
+                .filter_map(|(k, n)| Some((k.clone(), n.as_f64()?)))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// The number "1,523" that `text` starts with, as 1523.
@@ -378,7 +409,18 @@ const READ_VIEW: &str = r##"
         storm: document.getElementById("storm")?.hidden === false
             ? document.getElementById("storm").textContent : "",
         stormState: document.getElementById("storm")?.dataset.state ?? "",
+        marks: shown("#map-marks [data-region]", (g) => g.querySelector(".mark-dot").getAttribute("r")),
+        markOpacity: shown("#map-marks [data-region]", (g) => g.getAttribute("opacity") ?? "1"),
+        rings: shown("#map-watchers [data-region]", (c) => c.getAttribute("r")),
+        mapLandings: document.getElementById("map-landings")?.textContent ?? "",
+        mapWatching: document.getElementById("map-watching")?.textContent ?? "",
+        animated: window.mapProbe ? window.mapProbe.animated : [],
     };
+    function shown(css, value) {
+        return Object.fromEntries(Array.from(document.querySelectorAll(css))
+            .filter((e) => e.getAttribute("display") !== "none")
+            .map((e) => [e.dataset.region, Number(value(e))]));
+    }
 "##;
 
 impl Page<'_> {
@@ -430,6 +472,19 @@ impl Page<'_> {
             tally: v["tally"].as_str().unwrap_or_default().to_string(),
             storm: v["storm"].as_str().unwrap_or_default().to_string(),
             storm_state: v["stormState"].as_str().unwrap_or_default().to_string(),
+            marks: numbers_by_key(&v["marks"]),
+            mark_opacity: numbers_by_key(&v["markOpacity"]),
+            rings: numbers_by_key(&v["rings"]),
+            map_landings: v["mapLandings"].as_str().unwrap_or_default().to_string(),
+            map_watching: v["mapWatching"].as_str().unwrap_or_default().to_string(),
+            animated: v["animated"]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .map(|s| s.as_str().unwrap_or_default().to_string())
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 
@@ -459,6 +514,25 @@ impl Page<'_> {
         self.wait_for(&format!("{expected:?}"), timeout, |v| {
             v.state == "connected" && v.status == expected && !v.button_disabled
         })
+    }
+
+    /// Polls `get` until it gives a value; panics after `timeout`.
+    fn wait_for_value<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        get: impl Fn(&Self) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(value) = get(self) {
+                return value;
+            }
+            if Instant::now() >= deadline {
+                panic!("[{}] {what}: not within {timeout:?}", self.name);
+            }
+            thread::sleep(POLL);
+        }
     }
 
     /// Waits until there are `count` alerts, the newest from `city`, each in
@@ -531,6 +605,43 @@ impl Page<'_> {
         });
     }
 
+    /// A Chrome DevTools Protocol command, through chromedriver.
+    fn cdp(&self, cmd: &str, params: Value) -> Value {
+        self.cmd(
+            "POST",
+            "/goog/cdp/execute",
+            Some(&json!({ "cmd": cmd, "params": params })),
+        )
+    }
+
+    /// Emulates the reader's `prefers-reduced-motion: reduce` setting (or
+    /// takes it back); the page sees it as a change of its media query.
+    fn reduce_motion(&self, reduce: bool) {
+        let features = if reduce {
+            json!([{ "name": "prefers-reduced-motion", "value": "reduce" }])
+        } else {
+            json!([])
+        };
+        self.cdp(
+            "Emulation.setEmulatedMedia",
+            json!({ "features": features }),
+        );
+        let matches =
+            self.eval(r#"return matchMedia("(prefers-reduced-motion: reduce)").matches;"#);
+        assert_eq!(
+            matches,
+            json!(reduce),
+            "[{}] prefers-reduced-motion not emulated",
+            self.name
+        );
+    }
+
+    /// Installs [`MAP_PROBE`]: from now on [`View::animated`] lists every
+    /// animation that runs on the page.
+    fn watch_animations(&self) {
+        self.eval(MAP_PROBE);
+    }
+
     /// Saves a PNG of what the page shows; returns its path.
     fn screenshot(&self, file: &str) -> PathBuf {
         let data = self.cmd("GET", "/screenshot", None);
@@ -564,6 +675,29 @@ impl Drop for Page<'_> {
             .call();
     }
 }
+
+/// Records every animation on the page (CSS animations and transitions and
+/// Web Animations alike: `document.getAnimations()` holds them all while
+/// they run), looking in every animation frame: a pulse lasts over a
+/// second, a frame a sixtieth. Each is recorded once, as the region of the
+/// map mark it moves, or "-". Installing it again starts a new record.
+const MAP_PROBE: &str = r##"
+    const probe = window.mapProbe = { animated: [], frames: 0 };
+    const seen = new WeakSet();
+    const look = () => {
+        if (window.mapProbe !== probe) return;
+        probe.frames += 1;
+        for (const animation of document.getAnimations()) {
+            if (seen.has(animation)) continue;
+            seen.add(animation);
+            const target = animation.effect ? animation.effect.target : null;
+            const mark = target instanceof Element ? target.closest(".map [data-region]") : null;
+            probe.animated.push(mark ? mark.dataset.region : "-");
+        }
+        requestAnimationFrame(look);
+    };
+    requestAnimationFrame(look);
+"##;
 
 /// How long ago, in ms, "Alien landing near <city>, N ms ago" says (or
 /// "N s ago", "N min ago", "N h ago", as the page puts older alerts), if
@@ -1090,13 +1224,13 @@ fn epoch_ms() -> f64 {
 /// the page's button, in ms from now); the page itself is not changed. It
 /// records, without any WebDriver call during the storm: Long Tasks API
 /// entries (and, to tell what ran, long animation frames that blocked),
-/// every sum-up in the reports live region, the feedback and storm lines as
-/// they change, the longest the alert list got, and when the tally line
-/// last changed.
+/// every sum-up in the reports live region, the feedback and storm lines and
+/// the map's caption as they change, the longest the alert list got, and
+/// when the tally line last changed.
 const PROBE: &str = r#"
     const [pressAfter] = arguments;
     const probe = window.stormProbe = {
-        longTasks: [], blockingFrames: [], announcements: [], feedback: [], storm: [],
+        longTasks: [], blockingFrames: [], announcements: [], feedback: [], storm: [], captions: [],
         maxListed: 0, firstListed: null, tally: null, installed: performance.now(),
         timeOrigin: performance.timeOrigin,
     };
@@ -1124,6 +1258,7 @@ const PROBE: &str = r#"
     };
     watch("reports", (el, at) => probe.announcements.push({ at, text: el.textContent }));
     watch("feedback", (el, at) => probe.feedback.push({ at, text: el.textContent }));
+    watch("map-landings", (el, at) => probe.captions.push({ at, text: el.textContent }));
     watch("tally", (el, at) => { probe.tally = { at, text: el.textContent }; });
     watch("storm", (el, at) => {
         const text = el.hidden ? "" : el.textContent;
@@ -1189,6 +1324,9 @@ const ANNOUNCE_EVERY_MS: f64 = 5_000.0;
 /// ...and the first report after a quiet spell within about a second (it
 /// waits 500 ms to gather a burst).
 const FIRST_ANNOUNCE_WITHIN_MS: f64 = 1_500.0;
+/// The map's caption: changed within a second of the first report after a
+/// quiet spell (issue 15), then at most every ANNOUNCE_EVERY_MS.
+const FIRST_CAPTION_WITHIN_MS: f64 = 1_000.0;
 
 /// One storm against one local instance, with a page open on it: 10,000
 /// presses from the test's own clients in `rounds` rounds 100 ms apart, and
@@ -1288,6 +1426,7 @@ fn storm_run(driver: &Driver, name: &'static str, storm_rate: Option<&str>, roun
     };
     let feedback = texts("feedback");
     let announcements = texts("announcements");
+    let captions = texts("captions");
     let storm = texts("storm");
     // Each long task: when (ms after the storm began), how long (wall
     // clock), and how much CPU time the page's main thread used meanwhile
@@ -1316,7 +1455,8 @@ fn storm_run(driver: &Driver, name: &'static str, storm_rate: Option<&str>, roun
     println!(
         "[{name}] the page's main thread used {busy:.0} ms of CPU in those {complete:.0} ms; \
          long tasks (start, wall-clock ms, CPU ms): {long_tasks:.0?}; blocking frames: {}; \
-         longest list {}; feedback {feedback:.0?}; sum-ups {announcements:.0?}",
+         longest list {}; feedback {feedback:.0?}; sum-ups {announcements:.0?}; \
+         map captions {captions:.0?}",
         probe["blockingFrames"], probe["maxListed"],
     );
     assert_eq!(
@@ -1370,6 +1510,35 @@ fn storm_run(driver: &Driver, name: &'static str, storm_rate: Option<&str>, roun
         announcements[0].0 - first_listed <= FIRST_ANNOUNCE_WITHIN_MS,
         "[{name}] the first sum-up came {:.0} ms after the first alert showed",
         announcements[0].0 - first_listed
+    );
+    // (e) The map: its caption said so within a second of the first alert
+    // showing, then changed at most every 5 s, and ends on the whole storm;
+    // one mark, Sydney's, at full size (the busiest region's).
+    assert!(
+        captions
+            .first()
+            .is_some_and(|(at, _)| at - first_listed <= FIRST_CAPTION_WITHIN_MS),
+        "[{name}] the map's caption came late: first alert shown at {first_listed:.0} ms, \
+         captions {captions:.0?}"
+    );
+    for pair in captions.windows(2) {
+        assert!(
+            pair[1].0 - pair[0].0 >= ANNOUNCE_EVERY_MS - 1.0,
+            "[{name}] the map's caption changed twice {:.0} ms apart: {captions:.0?}",
+            pair[1].0 - pair[0].0
+        );
+    }
+    let whole = format!(
+        "Landings in the last minute: {} near Sydney.",
+        thousands(expected)
+    );
+    let mapped = page.wait_for("the whole storm in the map's caption", WAIT, |v| {
+        v.map_landings == whole
+    });
+    assert!(
+        mapped.marks.keys().eq(["syd"]) && mapped.marks["syd"] == 90.0,
+        "[{name}] the map's marks: {:?}",
+        mapped.marks
     );
 
     if heard.summaries.is_empty() {
@@ -1551,11 +1720,9 @@ fn alerts_cross_instances_and_a_restarted_instance_gets_its_page_back() {
            window.scrollTo(0, alerts.getBoundingClientRect().top + window.scrollY - 16);
            return true;"#,
     );
-    let desktop = page1.screenshot("desktop.png");
-    let phone = page2.screenshot("phone.png");
+    page1.screenshot("desktop.png");
+    page2.screenshot("phone.png");
     pressing.stop();
-    publish_screenshot(&desktop, "screenshot.png");
-    publish_screenshot(&phone, "screenshot-phone.png");
 }
 
 /// One instance in local mode: "your machine", rate-limit feedback, region
@@ -1724,11 +1891,16 @@ fn local_page_names_regions_reports_refusals_and_shows_text_as_text() {
     );
 }
 
-/// Cheap checks on the file itself: self-contained, and no API that parses
-/// strings as HTML.
+/// Cheap checks on the page as served (index.html with the map's outline
+/// spliced in by build.rs): self-contained, and no API that parses strings
+/// as HTML.
 #[test]
 fn page_is_one_self_contained_file_without_html_parsing() {
-    let html = include_str!("../index.html");
+    let html = include_str!(concat!(env!("OUT_DIR"), "/index.html"));
+    assert!(
+        html.contains(include_str!("../assets/world-map.svg").trim_end()),
+        "the built page lacks the map"
+    );
     for api in [
         "innerHTML",
         "outerHTML",
@@ -1775,6 +1947,72 @@ fn page_is_one_self_contained_file_without_html_parsing() {
     assert!(html.contains("${location.host}/ws"));
 }
 
+/// The page's table of regions (`const REGIONS = {` in index.html), one
+/// line per region: (code, city, lat, lon). Any other line in it fails the
+/// test, so a region cannot be added without its place.
+fn page_regions() -> Vec<(String, String, f64, f64)> {
+    let html = include_str!("../index.html");
+    let start = html
+        .find("const REGIONS = {\n")
+        .expect("index.html has const REGIONS");
+    let table = &html[start..];
+    let table =
+        &table[table.find('\n').expect("a table") + 1..table.find("\n};").expect("its end")];
+    let mut out = Vec::new();
+    for line in table.lines().map(str::trim).filter(|l| !l.is_empty()) {
+        let entry = (|| {
+            let (code, rest) = line.split_once(": { city: \"")?;
+            let (city, rest) = rest.split_once("\", lat: ")?;
+            let (lat, rest) = rest.split_once(", lon: ")?;
+            let lon = rest.strip_suffix(" },")?;
+            Some((
+                code.to_string(),
+                city.to_string(),
+                lat.parse().ok()?,
+                lon.parse().ok()?,
+            ))
+        })();
+        out.push(entry.unwrap_or_else(|| {
+            panic!("not `code: {{ city: \"...\", lat: N, lon: N }},`: {line:?}")
+        }));
+    }
+    out
+}
+
+/// Every region the page names has a place on the map: a latitude within
+/// the map's crop (84°N to 60°S, assets/README.md) and a longitude.
+#[test]
+fn every_region_has_a_city_and_a_place_on_the_map() {
+    let regions = page_regions();
+    assert!(regions.len() >= 30, "only {} regions", regions.len());
+    let mut codes = std::collections::BTreeSet::new();
+    for (code, city, lat, lon) in &regions {
+        assert!(
+            code.len() == 3 && code.chars().all(|c| c.is_ascii_lowercase()),
+            "{code:?}"
+        );
+        assert!(codes.insert(code.clone()), "{code} twice");
+        assert!(!city.is_empty(), "{code} has no city");
+        assert!(
+            (-60.0..=84.0).contains(lat) && (-180.0..=180.0).contains(lon),
+            "{code} ({city}) at {lat}, {lon} is off the map"
+        );
+    }
+    // The regions the tests run instances in.
+    for code in ["ams", "syd", "lax", "sin", "lhr"] {
+        assert!(codes.contains(code), "no {code}");
+    }
+}
+
+/// Where the page's map puts (lat, lon): the projection of
+/// assets/make-world-map.mjs, as assets/README.md states it.
+fn map_point(lat: f64, lon: f64) -> (f64, f64) {
+    (
+        (lon + 180.0) * 2000.0 / 360.0,
+        (84.0 - lat) * 2000.0 / 360.0,
+    )
+}
+
 /// Issue "Storms", point 5: 10,000 presses within about a second from the
 /// test's own clients while a page is open. With the server's default, all
 /// but ten a second reach the page as summaries' counts; then again with
@@ -1791,4 +2029,405 @@ fn a_storm_shows_as_counts_with_a_bounded_list_and_no_long_tasks() {
     assert!(view.alerts.len() < 50, "{view:#?}");
     let view = storm_run(&driver, "storm of alerts", Some("100000"), 50);
     assert_eq!(view.alerts.len(), 50, "{view:#?}");
+}
+
+// ---------------------------------------------------------------------------
+// The live map (issue 15)
+// ---------------------------------------------------------------------------
+
+/// Where a region's mark is on a page: its (x, y) in the map's units, read
+/// from its `translate(x y)`.
+fn mark_position(page: &Page, code: &str) -> (f64, f64) {
+    let transform = page.eval(&format!(
+        r#"return document.querySelector('#map-marks [data-region="{code}"]')?.getAttribute("transform") ?? "";"#
+    ));
+    let transform = transform.as_str().unwrap_or_default();
+    let numbers: Vec<f64> = transform
+        .strip_prefix("translate(")
+        .and_then(|t| t.strip_suffix(')'))
+        .map(|t| t.split(' ').filter_map(|n| n.parse().ok()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        numbers.len(),
+        2,
+        "[{}] {code}'s mark: transform {transform:?}",
+        page.name
+    );
+    (numbers[0], numbers[1])
+}
+
+/// Where the page's region table puts `code` on the map, by the projection
+/// as documented (computed here, not by the page).
+fn documented_position(code: &str) -> (f64, f64) {
+    let (_, _, lat, lon) = page_regions()
+        .into_iter()
+        .find(|r| r.0 == code)
+        .unwrap_or_else(|| panic!("no region {code} in index.html"));
+    map_point(lat, lon)
+}
+
+/// The `r`s of the marks, each as a share of the largest.
+fn radius_shares(view: &View) -> BTreeMap<String, f64> {
+    let largest = view.marks.values().copied().fold(0.0, f64::max);
+    view.marks
+        .iter()
+        .map(|(code, r)| (code.clone(), r / largest))
+        .collect()
+}
+
+/// Issue 15 across three instances joined through Pub/Sub (Amsterdam, Los
+/// Angeles, Sydney), with a page on two of them: the watchers show as rings
+/// where they are; a press in Amsterdam pulses Amsterdam on both pages, at
+/// Amsterdam's place; a storm of different sizes in the three regions sizes
+/// their marks by count; the caption names the regions with their counts.
+/// Its screenshots, taken in a storm in all three regions, are the README's.
+#[test]
+fn the_map_shows_where_landings_are_and_who_is_watching() {
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let ts = PubSubTestServer::start(Options::default()).expect("start pubsub-test-server");
+    let regions = [("map-ams", "ams"), ("map-lax", "lax"), ("map-syd", "syd")];
+    let instances: Vec<Server> = regions
+        .iter()
+        .map(|(alloc, region)| start(&emulator_env(&ts, alloc, region)))
+        .collect();
+    for (server, (alloc, _)) in instances.iter().zip(&regions) {
+        wait_ready(&ts, server, alloc);
+    }
+    let [ams, lax, syd] = [0, 1, 2].map(|i| instances[i].addr);
+
+    let page1 = driver.open("map page 1 (desktop, Amsterdam)", DESKTOP);
+    let page2 = driver.open("map page 2 (phone, Sydney)", PHONE);
+    page1.goto(&format!("http://{ams}/"));
+    page2.goto(&format!("http://{syd}/"));
+    page1.wait_connected("in Amsterdam", WAIT);
+    page2.wait_connected("in Sydney", WAIT);
+    let pages = [&page1, &page2];
+
+    // Who is watching where: a ring in Amsterdam and one in Sydney (none in
+    // Los Angeles, where nobody is), and the words for them. Nothing has
+    // landed yet.
+    for page in pages {
+        let view = page.wait_for("watcher rings in Amsterdam and Sydney", WAIT, |v| {
+            v.rings.keys().eq(["ams", "syd"])
+                && v.map_watching == "People watching: 1 in Amsterdam, 1 in Sydney."
+        });
+        assert!(view.marks.is_empty(), "[{}] {view:#?}", page.name);
+        assert_eq!(
+            view.map_landings, "No landings reported in the last minute.",
+            "[{}]",
+            page.name
+        );
+        page.watch_animations();
+    }
+
+    // A press in Amsterdam pulses Amsterdam, and only Amsterdam, on every
+    // page; its mark stands where Amsterdam is.
+    page1.press();
+    for page in pages {
+        let view = page.wait_for("Amsterdam's mark, pulsing", WAIT, |v| {
+            v.marks.contains_key("ams") && v.animated.iter().any(|r| r == "ams")
+        });
+        assert!(
+            view.marks.keys().eq(["ams"]) && view.animated.iter().all(|r| r == "ams"),
+            "[{}] something else moved: {view:#?}",
+            page.name
+        );
+        let (x, y) = mark_position(page, "ams");
+        let (ex, ey) = documented_position("ams");
+        assert!(
+            (x - ex).abs() < 0.1 && (y - ey).abs() < 0.1,
+            "[{}] Amsterdam's mark at {x}, {y}, not {ex:.1}, {ey:.1}",
+            page.name
+        );
+        page.wait_for("the caption naming Amsterdam", WAIT, |v| {
+            v.map_landings == "Landings in the last minute: 1 near Amsterdam."
+        });
+    }
+
+    // A storm sizes the marks by count: 600 presses in Sydney, 200 in Los
+    // Angeles, 50 more in Amsterdam, all at once. Each mark's area is its
+    // count's share of the busiest, and the caption names them in order.
+    let storm = [(syd, 600), (lax, 200), (ams, 50)];
+    let pressers: Vec<StormClient> = storm
+        .iter()
+        .map(|&(addr, _)| StormClient::connect(addr))
+        .collect();
+    for (presser, &(_, n)) in pressers.iter().zip(&storm) {
+        let mut stream = presser.stream.try_clone().expect("clone the socket");
+        stream
+            .write_all(&client_text_frame(&support::alert(now_ms())).repeat(n))
+            .expect("press");
+    }
+    for (presser, &(_, n)) in pressers.iter().zip(&storm) {
+        presser.wait_accepted(n as u64, WAIT);
+    }
+    let counted =
+        "Landings in the last minute: 600 near Sydney, 200 near Los Angeles, 51 near Amsterdam.";
+    for page in pages {
+        let view = page.wait_for("the storm's counts in the caption", WAIT, |v| {
+            v.map_landings == counted
+        });
+        let shares = radius_shares(&view);
+        assert!(
+            view.marks["syd"] > view.marks["lax"] && view.marks["lax"] > view.marks["ams"],
+            "[{}] marks not sized by count: {view:#?}",
+            page.name
+        );
+        for (code, n) in [("syd", 600.0), ("lax", 200.0), ("ams", 51.0)] {
+            let area = (n / 600.0f64).sqrt();
+            assert!(
+                (shares[code] - area).abs() < 0.02,
+                "[{}] {code}'s mark is {:.3} of Sydney's across, not {area:.3}: {view:#?}",
+                page.name,
+                shares[code]
+            );
+        }
+        assert!(
+            ["syd", "lax"]
+                .iter()
+                .all(|code| view.animated.iter().any(|r| r == code)),
+            "[{}] the storm's regions did not pulse: {:?}",
+            page.name,
+            view.animated
+        );
+        // The text alternative is the map's description for screen readers.
+        let described = page.eval(
+            r#"const map = document.getElementById("map");
+               return [map.getAttribute("role"), map.getAttribute("aria-label"),
+                       document.getElementById(map.getAttribute("aria-describedby")).textContent];"#,
+        );
+        assert_eq!(described[0], "img", "[{}] {described}", page.name);
+        assert!(
+            described[2].as_str().unwrap_or_default().contains(counted),
+            "[{}] the map's description: {described}",
+            page.name
+        );
+    }
+    drop(pressers);
+
+    // The screenshots: a storm going on in all three regions.
+    let pressing = Pressing::start(vec![
+        StormClient::connect(ams),
+        StormClient::connect(lax),
+        StormClient::connect(syd),
+    ]);
+    for page in pages {
+        page.wait_for("a storm line from all three regions", WAIT, |v| {
+            v.storm_state == "live"
+                && ["Amsterdam\u{a0}", "Los Angeles\u{a0}", "Sydney\u{a0}"]
+                    .iter()
+                    .all(|city| v.storm.contains(city))
+        });
+    }
+    // Phone-sized: the map is as wide as the page's column, no wider than
+    // the screen, and keeps its shape.
+    let fits = page2.eval(
+        r#"const map = document.getElementById("map").getBoundingClientRect();
+           const column = document.querySelector("main").getBoundingClientRect();
+           return [document.documentElement.scrollWidth <= window.innerWidth,
+                   map.left >= 0 && map.right <= window.innerWidth,
+                   Math.abs(map.width - column.width) < 1,
+                   Math.abs(map.width / map.height - 2.5) < 0.02];"#,
+    );
+    assert_eq!(
+        fits,
+        json!([true, true, true, true]),
+        "the map does not fit a phone-sized screen"
+    );
+    page2.eval(
+        r#"const map = document.getElementById("map");
+           window.scrollTo(0, map.getBoundingClientRect().top + window.scrollY - 16);
+           return true;"#,
+    );
+    let desktop = page1.screenshot("map-desktop.png");
+    let phone = page2.screenshot("map-phone.png");
+    pressing.stop();
+    publish_screenshot(&desktop, "screenshot.png");
+    publish_screenshot(&phone, "screenshot-phone.png");
+}
+
+/// Records, from its installation on, when the first mark appears on the
+/// map (`appeared`, ms) and each later change of a mark's opacity (`fades`,
+/// [ms, opacity]).
+const FADE_PROBE: &str = r##"
+    const probe = window.fadeProbe = { appeared: null, fades: [] };
+    const opacities = new WeakMap();
+    new MutationObserver((changes) => {
+        const at = performance.now();
+        for (const change of changes) {
+            if (change.type === "childList" && change.addedNodes.length > 0 && probe.appeared === null) {
+                probe.appeared = at;
+            }
+            if (change.type === "attributes" && change.attributeName === "opacity") {
+                const opacity = Number(change.target.getAttribute("opacity"));
+                const before = opacities.get(change.target);
+                opacities.set(change.target, opacity);
+                if (before !== undefined && before !== opacity) probe.fades.push([at, opacity]);
+            }
+        }
+    }).observe(document.getElementById("map-marks"), { childList: true, subtree: true, attributes: true });
+"##;
+
+/// For every region in the page's table: where the page's own `mapPoint`
+/// puts it, and how far from there (in the map's units) the nearest land of
+/// the outline is, looking up to 30 units (about 5°) around.
+const PLACES_ON_LAND: &str = r##"
+    const land = document.querySelector("#map .map-land path");
+    const out = {};
+    for (const [code, region] of Object.entries(REGIONS)) {
+        const [x, y] = mapPoint(region.lat, region.lon);
+        let near = null;
+        for (let d = 0; d <= 30 && near === null; d += 1) {
+            for (let k = 0; k < 32; k++) {
+                const a = k * Math.PI / 16;
+                if (land.isPointInFill(new DOMPoint(x + d * Math.cos(a), y + d * Math.sin(a)))) {
+                    near = d;
+                    break;
+                }
+            }
+        }
+        out[code] = [x, y, near];
+    }
+    return out;
+"##;
+
+/// Issue 15's other promises: with prefers-reduced-motion nothing on the
+/// map moves (no CSS animation or transition, no Web Animation) and marks
+/// fade in steps of 10 s, while a pulse comes back once the setting is
+/// off; alerts from a server without a region show at no place, "on this
+/// machine", and an unknown region "elsewhere", both still listed; every
+/// region of the table stands where the documented projection puts it, on
+/// (or by) land of the outline.
+#[test]
+fn the_map_keeps_still_with_reduced_motion_and_places_only_what_it_knows() {
+    let Some(driver) = Driver::start() else {
+        return;
+    };
+    let syd = Server::start(&[("FLY_REGION", "syd")]);
+    let still = driver.open("map page, reduced motion", DESKTOP);
+    still.goto(&format!("http://{}/", syd.addr));
+    still.wait_connected("in Sydney", WAIT);
+    still.reduce_motion(true);
+
+    // Every region where the projection puts it, near land.
+    let places = still.eval(PLACES_ON_LAND);
+    let regions = page_regions();
+    assert_eq!(places.as_object().map(|o| o.len()), Some(regions.len()));
+    for (code, city, lat, lon) in &regions {
+        let place = &places[code.as_str()];
+        let (x, y) = map_point(*lat, *lon);
+        let (px, py) = (place[0].as_f64().unwrap(), place[1].as_f64().unwrap());
+        assert!(
+            (px - x).abs() < 0.01 && (py - y).abs() < 0.01,
+            "{code} ({city}) at {px}, {py} on the page, not {x:.2}, {y:.2}"
+        );
+        // A coastal city may stand in the sea of a 1:110m outline, but
+        // within a few pixels of its coast.
+        let near = place[2].as_f64();
+        assert!(
+            near.is_some_and(|d| d <= 12.0),
+            "{code} ({city}) is {near:?} units from land: {place}"
+        );
+    }
+
+    // A press with reduced motion: the mark shows, nothing moves.
+    still.watch_animations();
+    still.eval(FADE_PROBE);
+    still.press();
+    let view = still.wait_for("Sydney's mark", WAIT, |v| {
+        v.marks.contains_key("syd")
+            && v.map_landings == "Landings in the last minute: 1 near Sydney."
+    });
+    assert_eq!(view.mark_opacity.get("syd"), Some(&1.0), "{view:#?}");
+
+    // Meanwhile, on another page: the places the map cannot show.
+    let page = driver.open("map page, other places", DESKTOP);
+    let local = Server::start(&[]);
+    page.goto(&format!("http://{}/", local.addr));
+    page.wait_connected("on your machine", WAIT);
+    page.watch_animations();
+    page.press();
+    page.wait_alerts(1, "your machine");
+    let view = page.wait_for("\"on this machine\" in the caption", WAIT, |v| {
+        v.map_landings == "Landings in the last minute: 1 on this machine."
+            && v.map_watching == "People watching: 1 on this machine."
+    });
+    assert!(
+        view.marks.is_empty() && view.rings.is_empty() && view.animated.is_empty(),
+        "a place on the map for this machine: {view:#?}"
+    );
+    drop(local);
+    let odd = Server::start(&[("FLY_REGION", "xyz")]);
+    page.goto(&format!("http://{}/", odd.addr));
+    page.wait_connected("in xyz", WAIT);
+    page.watch_animations();
+    page.press();
+    page.wait_alerts(1, "xyz");
+    let view = page.wait_for("\"elsewhere\" in the caption", WAIT, |v| {
+        v.map_landings == "Landings in the last minute: 1 elsewhere."
+            && v.map_watching == "People watching: 1 elsewhere."
+    });
+    assert!(
+        view.marks.is_empty() && view.rings.is_empty() && view.animated.is_empty(),
+        "an unknown region has a place on the map: {view:#?}"
+    );
+    drop(page);
+
+    // Back to the page with reduced motion: nothing on it moved, and no
+    // CSS animation or transition applies to anything on the map.
+    let moving = still.eval(
+        r##"return [document.getAnimations().length, window.mapProbe.frames,
+                   Array.from(document.querySelectorAll(".map, .map *"))
+                       .map((e) => getComputedStyle(e))
+                       .filter((s) => s.animationName !== "none"
+                           || s.transitionDuration.split(",").some((d) => parseFloat(d) > 0))
+                       .length];"##,
+    );
+    assert_eq!(moving[0], 0, "animations with reduced motion: {moving}");
+    assert_eq!(
+        moving[2], 0,
+        "CSS animations or transitions on the map: {moving}"
+    );
+    let view = still.view();
+    assert!(
+        view.animated.is_empty(),
+        "with reduced motion, the map moved: {view:#?}"
+    );
+    // The probe looked all along (frames come 60 a second).
+    assert!(
+        moving[1].as_u64().unwrap_or(0) > 30,
+        "the probe saw few frames: {moving}"
+    );
+
+    // Fading, in steps: the first comes 10 s after the mark appeared (the
+    // next fading step after that, at most 10 s later), taking a sixth of
+    // the way to faded.
+    let fades = still.wait_for_value("the first fading step", Duration::from_secs(35), |page| {
+        let probe = page.eval("return window.fadeProbe;");
+        (!probe["fades"].as_array()?.is_empty()).then_some(probe)
+    });
+    let appeared = fades["appeared"].as_f64().expect("the mark appeared");
+    let (at, opacity) = (
+        fades["fades"][0][0].as_f64().unwrap(),
+        fades["fades"][0][1].as_f64().unwrap(),
+    );
+    assert!(
+        at - appeared >= 9_900.0,
+        "the mark faded {:.0} ms after it appeared: {fades}",
+        at - appeared
+    );
+    assert!(
+        (opacity - (1.0 - 0.75 / 6.0)).abs() < 0.01,
+        "the first step: {fades}"
+    );
+
+    // Without the setting, a press pulses again: it was the setting that
+    // kept the map still.
+    still.reduce_motion(false);
+    still.press();
+    still.wait_for("Sydney pulsing", WAIT, |v| {
+        v.animated.iter().any(|r| r == "syd")
+    });
 }

@@ -649,6 +649,67 @@ fn dockerfile_caches_dependencies_and_builds_locked() {
     }
 }
 
+/// The repository files build.rs reads: every string literal in it that
+/// names one (its inputs are named as plain literals, which this relies on,
+/// and build.rs itself).
+fn build_script_inputs() -> Vec<String> {
+    let script = read("build.rs");
+    let mut inputs = vec!["build.rs".to_string()];
+    inputs.extend(
+        script
+            .split('"')
+            .skip(1)
+            .step_by(2)
+            .filter(|literal| !literal.is_empty() && Path::new(ROOT).join(literal).is_file())
+            .map(str::to_owned),
+    );
+    inputs
+}
+
+/// Whether a COPY's source `from` brings `path` (the file, or a directory
+/// holding it, or the whole context).
+fn copy_brings(from: &str, path: &str) -> bool {
+    let from = from.trim_start_matches("./").trim_end_matches('/');
+    from.is_empty() || from == "." || from == path || path.starts_with(&format!("{from}/"))
+}
+
+/// build.rs splices the map's outline into the page: the image build copies
+/// what it reads before the real build, and only after the dependency layer
+/// (whose stub build has no build script, so a change of the page or the
+/// map never rebuilds the dependencies).
+#[test]
+fn dockerfile_copies_what_the_build_script_reads() {
+    let inputs = build_script_inputs();
+    assert!(
+        inputs.iter().any(|i| i == "index.html") && inputs.iter().any(|i| i.starts_with("assets/")),
+        "build.rs no longer names the page and the map: {inputs:?}"
+    );
+    let instructions = dockerfile();
+    let stages = stages(&instructions);
+    let build = stages[0];
+    let builds = |i: &Instruction| i.keyword == "RUN" && i.args.contains("cargo build");
+    let dependency_build = build.iter().position(builds).expect("a dependency build");
+    let real_build = build.iter().rposition(builds).expect("a real build");
+    assert!(dependency_build < real_build, "one build only");
+    for input in &inputs {
+        let copied_at = build.iter().position(|i| {
+            if i.keyword != "COPY" {
+                return false;
+            }
+            let mut paths: Vec<&str> = i.args.split_whitespace().collect();
+            paths.pop(); // the destination
+            paths.iter().any(|from| copy_brings(from, input))
+        });
+        let Some(at) = copied_at else {
+            panic!("build.rs reads {input}, which the Dockerfile never copies");
+        };
+        assert!(
+            dependency_build < at && at < real_build,
+            "{input} must be copied after the dependency build and before the real one"
+        );
+    }
+}
+
 #[test]
 fn dockerfile_final_image_is_minimal_non_root_and_keyless() {
     let fly = fly_toml();
@@ -683,8 +744,8 @@ fn dockerfile_final_image_is_minimal_non_root_and_keyless() {
         user.args
     );
 
-    // Only the binary is copied in: index.html is embedded, keys come from
-    // secrets at run time.
+    // Only the binary is copied in: the page (with its map) is embedded,
+    // keys come from secrets at run time.
     let copies: Vec<&Instruction> = last
         .iter()
         .filter(|i| i.keyword == "COPY" || i.keyword == "ADD")

@@ -27,6 +27,59 @@ fn index_is_utf8_html_with_a_button() {
     resp.assert_connection_close();
 }
 
+/// The page served is index.html with the committed map outline,
+/// assets/world-map.svg, in place of its marker line (build.rs), byte for
+/// byte; the page's Content-Security-Policy is the one in index.html.
+#[test]
+fn index_is_the_page_with_the_world_map_spliced_in() {
+    const MARKER: &str = "<!-- world-map.svg -->";
+    let page = include_str!("../index.html");
+    let map = include_str!("../assets/world-map.svg").trim_end();
+    assert_eq!(
+        page.matches(MARKER).count(),
+        1,
+        "index.html lost its marker"
+    );
+    assert!(
+        map.starts_with("<svg ") && map.contains("<path d=\"M") && map.ends_with("</svg>"),
+        "assets/world-map.svg is not one SVG with a path"
+    );
+    // A few tens of KB, as generated; a much larger one would be an
+    // outline that was not simplified.
+    assert!(
+        (5_000..60_000).contains(&map.len()),
+        "assets/world-map.svg is {} bytes",
+        map.len()
+    );
+
+    let server = Server::start(&[]);
+    let body = get(server.addr, "/").body_text();
+    assert!(!body.contains(MARKER), "the marker was served");
+    assert!(
+        body.contains(map),
+        "the served page lacks assets/world-map.svg"
+    );
+    assert!(
+        body == page.replacen(MARKER, map, 1),
+        "the served page is not index.html with the outline in place of its marker"
+    );
+    // The map is inline: the policy stays as strict as before it (nothing
+    // from another host, no images but data: URLs).
+    let policy = "content=\"default-src 'none'; script-src 'unsafe-inline'; \
+                  style-src 'unsafe-inline'; connect-src 'self'; img-src data:; \
+                  base-uri 'none'; form-action 'none'\">";
+    assert_eq!(
+        body.matches("http-equiv=\"Content-Security-Policy\"")
+            .count(),
+        1,
+        "one policy, in one meta tag"
+    );
+    assert!(
+        body.contains(policy),
+        "the page's Content-Security-Policy changed"
+    );
+}
+
 #[test]
 fn healthz_says_ok() {
     let server = Server::start(&[]);

@@ -304,16 +304,17 @@ fn tokens_near_expiry_are_renewed_ahead_of_time() {
 
 #[test]
 fn a_failed_renewal_keeps_using_the_token_while_it_is_valid() {
-    // Tokens live 10 s: renewed after 5 s, used to the last ~9 s.
+    // Tokens live 20 s: renewed after 10 s, used to the last ~18 s, so the
+    // alert below has some 8 s to go through on the old token.
     let k = Keyless::start("keyless-stale", None, Duration::from_secs(1));
-    k.ts.set_access_token_lifetime(Duration::from_secs(10));
+    k.ts.set_access_token_lifetime(Duration::from_secs(20));
     let server = Server::start_owned(&k.env("kl0000a7", "ams", None));
     k.wait_subscribed(&server, "kl0000a7");
     let first = k.ts.sts_exchanges().len();
     // From now on the exchange fails, as in an STS outage.
     k.ts.set_sts_refusal(Some((503, "temporarily_unavailable")));
     assert!(
-        server.wait_for_log("cannot renew the access token", READY_TIMEOUT),
+        server.wait_for_log("cannot renew the access token", 2 * READY_TIMEOUT),
         "{}",
         server.logs()
     );

@@ -774,8 +774,9 @@ impl SubscriptionState {
         drop(state);
         let working = InProgress(self);
         let created = api.create_topic().and_then(|()| api.create_subscription());
-        drop(working);
-        let mut state = lock(&self.state);
+        // What the create found is recorded before any waiter can start
+        // another: one lock from here to the end.
+        let mut state = working.finish();
         if state.stopping {
             return Subscribed::Stopping; // shutdown deletes it after this
         }
@@ -824,8 +825,10 @@ impl SubscriptionState {
         }
         state.in_progress = true;
         drop(state);
-        let _working = InProgress(self);
-        Some(work())
+        let working = InProgress(self);
+        let done = work();
+        drop(working.finish());
+        Some(done)
     }
 
     /// A pull found the subscription gone: the next `ensure` recreates it.
@@ -856,9 +859,24 @@ impl SubscriptionState {
     }
 }
 
-/// Marks the end of work on the subscription, even if it panicked: pullers
+/// Work on the subscription in progress. [`InProgress::finish`] ends it;
+/// dropped without that (the work panicked), it still ends it: pullers
 /// waiting for it, and shutdown, must not wait forever.
 struct InProgress<'a>(&'a SubscriptionState);
+
+impl<'a> InProgress<'a> {
+    /// Ends the work and returns the state still locked, so that the caller
+    /// records what the work found before any waiter sees it ended.
+    fn finish(self) -> MutexGuard<'a, Setup> {
+        let subscription = self.0;
+        std::mem::forget(self);
+        let mut state = lock(&subscription.state);
+        state.in_progress = false;
+        // The waiters run once this lock is released.
+        subscription.changed.notify_all();
+        state
+    }
+}
 
 impl Drop for InProgress<'_> {
     fn drop(&mut self) {
