@@ -7,6 +7,7 @@
 //! with a clear message in `fly logs` than an instance running on a guess.
 
 use crate::auth::{Credentials, ServiceAccount, WorkloadIdentity};
+use crate::broker::pubsub::PubSubSettings;
 use crate::log::Level;
 use std::fmt;
 use std::net::IpAddr;
@@ -235,24 +236,9 @@ pub enum BrokerChoice {
         reason: String,
     },
     PubSub {
-        settings: Box<PubSubChoice>,
+        settings: Box<PubSubSettings>,
         reason: String,
     },
-}
-
-/// Where and as whom to reach Pub/Sub.
-#[derive(Debug)]
-pub struct PubSubChoice {
-    pub endpoint: String,
-    /// None for an emulator.
-    pub credentials: Option<Credentials>,
-    pub project: String,
-    pub topic: String,
-    pub subscription: String,
-    /// Pull requests kept open at once.
-    pub outstanding_pulls: usize,
-    /// How long an alert may wait to be published before it is dropped.
-    pub publish_timeout: Duration,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -602,7 +588,7 @@ fn choose_broker(
         |n: &u64| (1..=600).contains(n),
         "expected a whole number of seconds from 1 to 600",
     )?;
-    let settings = PubSubChoice {
+    let settings = PubSubSettings {
         endpoint,
         credentials,
         project,

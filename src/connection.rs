@@ -189,7 +189,9 @@ struct Connection<'a> {
     person: Person,
 }
 
-type Ending = Option<(CloseCode, &'static str)>;
+/// The close frame to send when the server is the one ending the
+/// connection (None: the client ended it, or the socket failed).
+type CloseToSend = Option<(CloseCode, &'static str)>;
 
 /// The close for a client past its address's control budget.
 const TOO_MANY_CONTROL: (CloseCode, &str) =
@@ -198,7 +200,7 @@ const TOO_MANY_CONTROL: (CloseCode, &str) =
 impl Connection<'_> {
     /// Reads until the connection ends. Returns the close frame to send when
     /// the server is the one ending it.
-    fn read_loop(&mut self, ws: &mut WebSocket<SplitSocket>, last_seen: &AtomicU64) -> Ending {
+    fn read_loop(&mut self, ws: &mut WebSocket<SplitSocket>, last_seen: &AtomicU64) -> CloseToSend {
         loop {
             let result = ws.read();
             if result.is_ok() {
@@ -248,7 +250,7 @@ impl Connection<'_> {
     /// Answers one text message: `ACCEPTED` or an `ERROR`. Returns how the
     /// connection ends when this message was one invalid message too many.
     #[inline(never)]
-    fn handle_text(&mut self, ws: &mut WebSocket<SplitSocket>, text: &str) -> Ending {
+    fn handle_text(&mut self, ws: &mut WebSocket<SplitSocket>, text: &str) -> CloseToSend {
         let outcome = message::parse_request(text).and_then(|request| match request {
             Request::AlienLanding { timestamp } => self.report_landing(timestamp),
         });

@@ -138,8 +138,8 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
         storm: Storm::new(settings.storm_alerts_per_second, settings.storm_summary),
         overflow: settings.overflow,
         outbox: Outbox::default(),
-        presence: settings.presence.map(|settings| Watchers {
-            book: Presence::new(settings.interval),
+        presence: settings.presence.map(|settings| PresenceState {
+            picture: Presence::new(settings.interval),
             next_beat: Instant::now(),
             counted: None,
             settings,
@@ -193,7 +193,7 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
                 default(timeout) => {}
             }
         }
-        if hub.housekeeping(Instant::now()) == Flow::Done {
+        if hub.housekeeping(Instant::now()) == AfterHousekeeping::AllClosed {
             break;
         }
         METRICS.connected_clients.set(hub.clients.len() as i64);
@@ -212,10 +212,11 @@ fn handle(hub: &mut Hub, event: Event, deliveries: Option<&Receiver<Delivery>>) 
     hub.handle(event);
 }
 
+/// Whether the fan-out goes on after a round of housekeeping.
 #[derive(PartialEq, Eq)]
-enum Flow {
-    Continue,
-    Done,
+enum AfterHousekeeping {
+    KeepRunning,
+    AllClosed,
 }
 
 struct Hub {
@@ -227,7 +228,7 @@ struct Hub {
     overflow: Arc<Overflow>,
     /// Frames for every client, written as one batch.
     outbox: Outbox,
-    presence: Option<Watchers>,
+    presence: Option<PresenceState>,
     clients: HashMap<ClientId, Client>,
     /// Clients with a non-empty backlog.
     behind: HashSet<ClientId>,
@@ -238,16 +239,16 @@ struct Hub {
 }
 
 /// The presence picture and this instance's part in it.
-struct Watchers {
+struct PresenceState {
     settings: PresenceSettings,
-    book: Presence,
+    picture: Presence,
     next_beat: Instant,
-    /// This instance's count as last written into `book`: the fan-out looks
+    /// This instance's count as last written into `picture`: the fan-out looks
     /// after every event, and only a change costs anything.
     counted: Option<usize>,
 }
 
-impl Watchers {
+impl PresenceState {
     fn own(&self, clients: usize) -> Heartbeat {
         Heartbeat {
             instance: self.settings.instance.clone(),
@@ -261,7 +262,7 @@ impl Watchers {
     fn count_own(&mut self, clients: usize, now: Instant) {
         if self.counted != Some(clients) {
             self.counted = Some(clients);
-            self.book.record(self.own(clients), now);
+            self.picture.record(self.own(clients), now);
         }
     }
 }
@@ -269,9 +270,9 @@ impl Watchers {
 impl Hub {
     fn next_wakeup(&self, now: Instant) -> Instant {
         let mut at = self.next_ping_check;
-        if let Some(watchers) = &self.presence {
-            at = at.min(watchers.next_beat);
-            if let Some(due) = watchers.book.next_due() {
+        if let Some(presence) = &self.presence {
+            at = at.min(presence.next_beat);
+            if let Some(due) = presence.picture.next_due() {
                 at = at.min(due);
             }
         }
@@ -312,12 +313,12 @@ impl Hub {
                 if let Some(since) = since {
                     frames.extend(replay(&self.recent, &since, self.limits.max_backlog / 2));
                 }
-                if let Some(watchers) = &mut self.presence {
+                if let Some(presence) = &mut self.presence {
                     // This instance's count includes the newcomer at once,
                     // and the newcomer sees the picture without waiting for
                     // the next update.
-                    watchers.count_own(self.clients.len() + 1, now);
-                    frames.extend(text_frame(watchers.book.message()));
+                    presence.count_own(self.clients.len() + 1, now);
+                    frames.extend(text_frame(presence.picture.message()));
                 }
                 let sent = client.send(&frames, now, &self.limits);
                 let sent = sent.and_then(|()| match self.stopping {
@@ -325,18 +326,18 @@ impl Hub {
                     None => Ok(()),
                 });
                 self.clients.insert(id, client);
-                self.settle(id, sent);
+                self.after_write(id, sent);
             }
             Event::Send { id, frames } => {
                 if let Some(client) = self.clients.get_mut(&id) {
                     let sent = client.send(&frames, now, &self.limits);
-                    self.settle(id, sent);
+                    self.after_write(id, sent);
                 }
             }
             Event::Close { id, frame } => {
                 if let Some(client) = self.clients.get_mut(&id) {
                     let sent = client.close(&frame, now, &self.limits);
-                    self.settle(id, sent);
+                    self.after_write(id, sent);
                 }
             }
             Event::Leave { id } => {
@@ -366,7 +367,7 @@ impl Hub {
     }
 
     /// Records the outcome of a write to one client.
-    fn settle(&mut self, id: ClientId, sent: Result<(), Gone>) {
+    fn after_write(&mut self, id: ClientId, sent: Result<(), Gone>) {
         match sent {
             Ok(()) => {
                 if self.clients.get(&id).is_some_and(Client::is_behind) {
@@ -397,7 +398,7 @@ impl Hub {
                     METRICS.presses_summarized.inc();
                 }
             }
-            Delivery::Presence(beat) => self.heard(beat),
+            Delivery::Presence(beat) => self.record_heartbeat(beat),
         }
     }
 
@@ -456,11 +457,11 @@ impl Hub {
 
     /// Another instance's heartbeat (this instance's own comes back too, but
     /// its count is kept here first-hand).
-    fn heard(&mut self, beat: Heartbeat) {
-        if let Some(watchers) = &mut self.presence
-            && beat.instance != watchers.settings.instance
+    fn record_heartbeat(&mut self, beat: Heartbeat) {
+        if let Some(presence) = &mut self.presence
+            && beat.instance != presence.settings.instance
         {
-            watchers.book.record(beat, Instant::now());
+            presence.picture.record(beat, Instant::now());
         }
     }
 
@@ -499,7 +500,7 @@ impl Hub {
 
     /// Sends a summary whose window has ended, retries backlogs, pings idle
     /// clients, and finishes a shutdown.
-    fn housekeeping(&mut self, now: Instant) -> Flow {
+    fn housekeeping(&mut self, now: Instant) -> AfterHousekeeping {
         if self.stopping.is_none() {
             self.count_overflow(now);
             if let Some(summary) = self.storm.take_due(now) {
@@ -551,9 +552,9 @@ impl Hub {
                 for (_, client) in self.clients.drain() {
                     client.disconnect();
                 }
-                Flow::Done
+                AfterHousekeeping::AllClosed
             }
-            _ => Flow::Continue,
+            _ => AfterHousekeeping::KeepRunning,
         }
     }
 
@@ -582,19 +583,19 @@ impl Hub {
     /// picture changed (at most once per interval: `Presence::due`).
     fn presence_update(&mut self, now: Instant) {
         let clients = self.clients.len();
-        let Some(watchers) = &mut self.presence else {
+        let Some(presence) = &mut self.presence else {
             return;
         };
-        watchers.count_own(clients, now);
-        if now >= watchers.next_beat {
-            watchers.next_beat = now + watchers.settings.interval;
-            let beat = watchers.own(clients);
+        presence.count_own(clients, now);
+        if now >= presence.next_beat {
+            presence.next_beat = now + presence.settings.interval;
+            let beat = presence.own(clients);
             // Recorded here too, so this instance never looks silent.
-            watchers.book.record(beat.clone(), now);
-            watchers.settings.broker.publish_presence(beat);
-            watchers.book.expire(now);
+            presence.picture.record(beat.clone(), now);
+            presence.settings.broker.publish_presence(beat);
+            presence.picture.expire(now);
         }
-        if let Some(message) = watchers.book.due(now) {
+        if let Some(message) = presence.picture.due(now) {
             self.queue(&text_frame(message), false);
             self.send_outbox();
         }

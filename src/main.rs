@@ -27,7 +27,7 @@ mod unix_http;
 
 use broker::Broker;
 use broker::local::LocalBroker;
-use broker::pubsub::{PubSubBroker, PubSubSettings};
+use broker::pubsub::PubSubBroker;
 use config::{BrokerChoice, Config};
 use crossbeam_channel::bounded;
 use signal_hook::consts::{SIGINT, SIGTERM};
@@ -104,20 +104,10 @@ fn run(config: Config) -> Result<(), String> {
             reason,
         ),
         BrokerChoice::PubSub { settings, reason } => {
-            let settings = *settings;
-            let settings = PubSubSettings {
-                endpoint: settings.endpoint,
-                tokens: settings.credentials.map(auth::TokenSource::new),
-                project: settings.project,
-                topic: settings.topic,
-                subscription: settings.subscription,
-                outstanding_pulls: settings.outstanding_pulls,
-                // Room for every client's whole burst at once: a storm is
-                // queued, never refused, while Pub/Sub answers.
-                queue_capacity: max_connections.saturating_mul(config.alert_burst as usize),
-                publish_timeout: settings.publish_timeout,
-            };
-            let broker = PubSubBroker::start(settings, deliveries_tx)
+            // Room for every client's whole burst at once: a storm is
+            // queued, never refused, while Pub/Sub answers.
+            let queue_capacity = max_connections.saturating_mul(config.alert_burst as usize);
+            let broker = PubSubBroker::start(*settings, queue_capacity, deliveries_tx)
                 .map_err(|err| format!("cannot start the Pub/Sub threads: {err}"))?;
             (Arc::new(broker), reason)
         }

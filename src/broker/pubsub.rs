@@ -31,7 +31,7 @@
 
 use super::dedupe::{SeenAlerts, Sight};
 use super::{Broker, Delivery, PublishError};
-use crate::auth::{TokenError, TokenSource};
+use crate::auth::{Credentials, TokenError, TokenSource};
 use crate::log::{Throttle, suppressed};
 use crate::message::Alert;
 use crate::metrics::METRICS;
@@ -92,18 +92,19 @@ const ALERT_TYPE: &str = "ALIEN_LANDING";
 const PRESENCE_TYPE: &str = "PRESENCE";
 
 /// Where and as whom to talk to Pub/Sub.
+/// Where and as whom to reach Pub/Sub, as the configuration says
+/// (`config.rs` makes it from the environment).
+#[derive(Debug)]
 pub struct PubSubSettings {
     /// API base URL, e.g. `https://pubsub.googleapis.com` or `http://localhost:8085`.
     pub endpoint: String,
     /// None for an emulator, which takes no credentials.
-    pub tokens: Option<TokenSource>,
+    pub credentials: Option<Credentials>,
     pub project: String,
     pub topic: String,
     pub subscription: String,
     /// Pull requests kept open at once (one puller thread each).
     pub outstanding_pulls: usize,
-    /// Room in the publish queue (at least [`MIN_PUBLISH_QUEUE`]).
-    pub queue_capacity: usize,
     /// How long an alert may wait to be published before it is dropped as
     /// history (PUBSUB_PUBLISH_TIMEOUT, at most [`RETENTION`]).
     pub publish_timeout: Duration,
@@ -222,14 +223,16 @@ impl PubSubBroker {
 
     /// Starts the publisher and puller threads. Returns at once: the
     /// subscription is created by the puller, which retries until Pub/Sub
-    /// answers; /readyz says when it has.
+    /// answers; /readyz says when it has. `queue_capacity` is the room in the
+    /// publish queue (at least [`MIN_PUBLISH_QUEUE`]).
     pub fn start(
         settings: PubSubSettings,
+        queue_capacity: usize,
         deliveries: Sender<Delivery>,
     ) -> std::io::Result<PubSubBroker> {
         let outstanding_pulls = settings.outstanding_pulls.max(1);
         let publish_timeout = settings.publish_timeout.min(RETENTION);
-        let (queue, queue_rx) = PublishQueue::new(settings.queue_capacity.max(MIN_PUBLISH_QUEUE));
+        let (queue, queue_rx) = PublishQueue::new(queue_capacity.max(MIN_PUBLISH_QUEUE));
         let queued = Arc::clone(&queue.queued);
         let health = Arc::new(Health::default());
         let api = Arc::new(Api::new(settings));
@@ -507,8 +510,7 @@ impl Publisher<'_> {
                     crate::warn!("topic {} is missing; creating it", self.api.topic);
                     let api = self.api;
                     let recreated = self.subscription.unless_stopping(|| {
-                        api.create_topic()
-                            .and_then(|()| api.reattach_subscription())
+                        api.create_topic().and_then(|()| api.check_subscription())
                     });
                     if let Some(Err(err)) = recreated {
                         crate::warn!("cannot recreate topic {}: {err}", self.api.topic);
@@ -616,7 +618,7 @@ fn puller(api: &Api, deliveries: &Sender<Delivery>, pullers: &Pullers, health: &
                 if pullers.check_due()
                     && let Some(Err(err)) = pullers
                         .subscription
-                        .unless_stopping(|| api.reattach_subscription())
+                        .unless_stopping(|| api.check_subscription())
                 {
                     crate::warn!("cannot check subscription {}: {err}", api.subscription);
                 }
@@ -1017,7 +1019,7 @@ impl Api {
         let project = settings.project;
         Api {
             endpoint: settings.endpoint.trim_end_matches('/').to_string(),
-            tokens: settings.tokens,
+            tokens: settings.credentials.map(TokenSource::new),
             topic: format!("projects/{project}/topics/{}", settings.topic),
             subscription: format!("projects/{project}/subscriptions/{}", settings.subscription),
             calls: agent(CALL_TIMEOUT),
@@ -1061,7 +1063,7 @@ impl Api {
     /// Makes sure this instance's subscription exists and receives from the
     /// topic: one whose topic was deleted shows `_deleted-topic_` and gets
     /// nothing ever again, so it is replaced.
-    fn reattach_subscription(&self) -> Result<(), ApiError> {
+    fn check_subscription(&self) -> Result<(), ApiError> {
         match self.call(&self.calls, "GET", &self.subscription, None) {
             Ok(found) if found["topic"].as_str() == Some(self.topic.as_str()) => Ok(()),
             Ok(found) => {
