@@ -31,7 +31,8 @@ RUN touch src/main.rs && cargo build --release --locked --bin skywatch
 
 # Final stage: the binary alone (the page is built into it), glibc, CA
 # certificates, and a non-root user. No key file is ever copied in: the key
-# arrives as the GOOGLE_SERVICE_ACCOUNT_JSON secret at run time.
+# arrives as the GOOGLE_SERVICE_ACCOUNT_JSON secret at run time, or there is
+# none at all (keyless, through the Fly Machine API's OIDC token).
 FROM gcr.io/distroless/cc-debian13:nonroot
 COPY --from=build /src/target/release/skywatch /usr/local/bin/skywatch
 # The image's `nonroot` user, by number so the runtime need not look it up.

@@ -20,7 +20,7 @@ mod workload_identity;
 pub use service_account::ServiceAccount;
 pub use workload_identity::WorkloadIdentity;
 
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard, TryLockError};
 use std::time::{Duration, Instant};
 
 /// Google's access tokens last an hour; take a new one this long before.
@@ -55,6 +55,8 @@ pub struct TokenError {
     /// app. Only a person can fix that. Otherwise (no answer, a 5xx, an
     /// answer that could not be read) the failure may pass by itself.
     pub refused: bool,
+    /// The HTTP status the endpoint answered, if it answered.
+    pub status: Option<u16>,
 }
 
 impl TokenError {
@@ -62,6 +64,7 @@ impl TokenError {
         TokenError {
             reason,
             refused: (400..500).contains(&status) && status != 408 && status != 429,
+            status: Some(status),
         }
     }
 }
@@ -71,6 +74,7 @@ impl From<String> for TokenError {
         TokenError {
             reason,
             refused: false,
+            status: None,
         }
     }
 }
@@ -99,13 +103,25 @@ pub struct TokenSource {
     credentials: Credentials,
     agent: ureq::Agent,
     cached: Mutex<Option<CachedToken>>,
+    /// Held by the one thread renewing the token. The others go on with the
+    /// cached token meanwhile, if it is still valid: a renewal can take tens
+    /// of seconds (three requests, keyless) and must not hold up calls.
+    renewing: Mutex<()>,
 }
 
 struct CachedToken {
     value: String,
     refresh_at: Instant,
     expires_at: Instant,
+    /// After a failed renewal, the next one waits until this.
+    retry_at: Instant,
 }
+
+/// Longest a token is believed to last, whatever its issuer says: an absurd
+/// `expires_in` must not overflow the clock arithmetic.
+const MAX_LIFETIME: Duration = Duration::from_secs(12 * 3600);
+/// Between renewal attempts while the cached token is still valid.
+const RENEW_RETRY: Duration = Duration::from_secs(10);
 
 /// A refresh failed while the cached token was still good: said once per
 /// 10 s, not on every call.
@@ -122,30 +138,49 @@ impl TokenSource {
             credentials,
             agent,
             cached: Mutex::new(None),
+            renewing: Mutex::new(()),
         }
     }
 
     /// A valid access token, fetched only when the cached one is near expiry.
-    /// Holding the lock while fetching makes concurrent callers wait for one
-    /// fetch instead of each making their own. A refresh that fails while the
-    /// cached token is still valid is no outage: that token is used until it
-    /// expires, and the refresh tried again on the next call.
+    /// One thread renews; the others use the cached token meanwhile, or,
+    /// when there is none valid, wait for that renewal rather than make their
+    /// own. A renewal that fails while the cached token is still valid is no
+    /// outage: that token is used until it expires, and the renewal tried
+    /// again every [`RENEW_RETRY`].
     pub fn token(&self) -> Result<String, TokenError> {
-        let mut cached = self
-            .cached
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let now = Instant::now();
-        if let Some(token) = cached.as_ref().filter(|t| now < t.refresh_at) {
-            return Ok(token.value.clone());
+        if let Some(token) = self.cached_if(|t, now| now < t.refresh_at) {
+            return Ok(token);
+        }
+        let _renewing = match self.renewing.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                if let Some(token) = self.cached() {
+                    return Ok(token);
+                }
+                self.renewing
+                    .lock()
+                    .unwrap_or_else(|poisoned| poisoned.into_inner())
+            }
+        };
+        // Renewed by another thread while this one waited, or renewed in
+        // vain a moment ago: no need to ask again yet.
+        if let Some(token) =
+            self.cached_if(|t, now| now < t.refresh_at || (now < t.retry_at && now < t.expires_at))
+        {
+            return Ok(token);
         }
         let fetched = match &self.credentials {
             Credentials::Key(account) => account.fetch_token(&self.agent),
             Credentials::Keyless(identity) => identity.fetch_token(&self.agent),
         };
-        let fresh = match (fetched, cached.as_ref()) {
+        let now = Instant::now();
+        let mut cached = self.lock_cached();
+        let fresh = match (fetched, cached.as_mut()) {
             (Ok(fresh), _) => fresh,
             (Err(err), Some(old)) if now < old.expires_at => {
+                old.retry_at = now + RENEW_RETRY;
                 if let Some(held) = STILL_VALID.allow() {
                     crate::warn!(
                         "cannot renew the access token ({err}); using the current one for its last {} s{}",
@@ -157,16 +192,38 @@ impl TokenSource {
             }
             (Err(err), _) => return Err(err),
         };
-        let lifetime = fresh.lifetime;
+        let lifetime = fresh.lifetime.min(MAX_LIFETIME);
+        let refresh_at = now + lifetime.saturating_sub(REFRESH_MARGIN).max(lifetime / 2);
         *cached = Some(CachedToken {
             value: fresh.value.clone(),
             // Short-lived tokens (tests use seconds) are renewed half-way.
-            refresh_at: now + lifetime.saturating_sub(REFRESH_MARGIN).max(lifetime / 2),
+            refresh_at,
             // A little before the issuer's own expiry, for the clocks and
             // the time a call takes to arrive.
             expires_at: now + lifetime.saturating_sub(lifetime.min(REFRESH_MARGIN) / 10),
+            retry_at: refresh_at,
         });
         Ok(fresh.value)
+    }
+
+    /// The cached token if it is still valid, without ever fetching one:
+    /// for a call that cannot wait (the delete at shutdown).
+    pub fn cached(&self) -> Option<String> {
+        self.cached_if(|t, now| now < t.expires_at)
+    }
+
+    fn cached_if(&self, good: impl Fn(&CachedToken, Instant) -> bool) -> Option<String> {
+        let now = Instant::now();
+        self.lock_cached()
+            .as_ref()
+            .filter(|t| good(t, now))
+            .map(|t| t.value.clone())
+    }
+
+    fn lock_cached(&self) -> MutexGuard<'_, Option<CachedToken>> {
+        self.cached
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Forgets `rejected` (a token the API answered 401 to), so the next call
@@ -283,6 +340,58 @@ fn parse_answer<T: serde::de::DeserializeOwned>(text: &str, what: &str) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_slow_renewal_does_not_hold_up_callers_while_the_token_is_valid() {
+        use std::os::unix::net::UnixListener;
+        use std::sync::Arc;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let dir = std::env::temp_dir().join(format!("skywatch-auth-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let socket = dir.join("api.sock");
+        // A Fly Machine API that takes the request and never answers.
+        let listener = UnixListener::bind(&socket).expect("bind a Unix socket");
+        let tokens = Arc::new(TokenSource::new(Credentials::Keyless(WorkloadIdentity {
+            provider: "projects/1/locations/global/workloadIdentityPools/p/providers/q".into(),
+            impersonate: None,
+            fly_api_socket: socket,
+            sts_endpoint: "http://127.0.0.1:9".into(),
+            iamcredentials_endpoint: "http://127.0.0.1:9".into(),
+        })));
+        let now = Instant::now();
+        *tokens.lock_cached() = Some(CachedToken {
+            value: "still-good".into(),
+            refresh_at: now,
+            expires_at: now + Duration::from_secs(60),
+            retry_at: now,
+        });
+        let renewed = Arc::new(AtomicBool::new(false));
+        let renewer = std::thread::spawn({
+            let (tokens, renewed) = (Arc::clone(&tokens), Arc::clone(&renewed));
+            move || {
+                let token = tokens.token();
+                renewed.store(true, Ordering::SeqCst);
+                token.map_err(|err| err.reason)
+            }
+        });
+        // The renewal is under way (and stuck) once its request arrives.
+        let (held, _) = listener.accept().expect("the renewal's connection");
+        assert_eq!(
+            tokens.token().map_err(|e| e.reason).as_deref(),
+            Ok("still-good")
+        );
+        assert!(
+            !renewed.load(Ordering::SeqCst),
+            "the call waited for the renewal"
+        );
+        assert_eq!(tokens.cached().as_deref(), Some("still-good"));
+        // The renewal fails (the connection closes): the old token is kept.
+        drop(held);
+        let token = renewer.join().expect("the renewer");
+        assert_eq!(token.as_deref(), Ok("still-good"));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn refusals_keep_googles_words_and_drop_echoed_secrets() {

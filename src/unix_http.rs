@@ -115,13 +115,22 @@ fn describe(err: &io::Error) -> String {
 /// Reads one response from `reader`: the head, then the body as the head
 /// frames it.
 fn read_response(reader: impl Read, max_body: usize) -> Result<Response, String> {
-    let mut input = Input::new(reader);
+    // Everything read, heads and chunk lines included, is bounded too: a
+    // body's framing must not be able to cost many times the body.
+    let mut input = Input::new(reader, 2 * max_body + 64 * 1024);
+    let mut interim = 0;
     let head = loop {
         let head = input.head()?;
         match head.status {
             // Interim answers (100 Continue, 103 Early Hints) precede the
-            // real one.
-            100 | 102..=199 => continue,
+            // real one; a few at most.
+            100 | 102..=199 => {
+                interim += 1;
+                if interim > MAX_INTERIM {
+                    return Err(format!("more than {MAX_INTERIM} interim answers"));
+                }
+                continue;
+            }
             101 => return Err("101 Switching Protocols to a plain request".into()),
             _ => break head,
         }
@@ -160,20 +169,28 @@ struct Head {
     content_length: Option<u64>,
 }
 
+/// Most interim (1xx) answers taken before the real one.
+const MAX_INTERIM: usize = 8;
+
 /// Bytes read from the socket and not yet used, in front of the reader.
 struct Input<R> {
     reader: R,
     buf: Vec<u8>,
     /// `buf[start..]` is unread.
     start: usize,
+    /// Bytes read so far, and the most that may be.
+    total: usize,
+    limit: usize,
 }
 
 impl<R: Read> Input<R> {
-    fn new(reader: R) -> Input<R> {
+    fn new(reader: R, limit: usize) -> Input<R> {
         Input {
             reader,
             buf: Vec::new(),
             start: 0,
+            total: 0,
+            limit,
         }
     }
 
@@ -191,11 +208,22 @@ impl<R: Read> Input<R> {
 
     /// Reads more into the buffer; false at the end of the stream.
     fn fill(&mut self) -> Result<bool, String> {
+        // What was used is dropped first: the buffer holds only what is
+        // unread, whatever the answer's length.
+        self.buf.drain(..self.start);
+        self.start = 0;
         let mut chunk = [0u8; 4096];
         loop {
             match self.reader.read(&mut chunk) {
                 Ok(0) => return Ok(false),
                 Ok(n) => {
+                    self.total += n;
+                    if self.total > self.limit {
+                        return Err(format!(
+                            "the answer is longer than the {} bytes allowed",
+                            self.limit
+                        ));
+                    }
                     self.buf.extend_from_slice(&chunk[..n]);
                     return Ok(true);
                 }
@@ -492,6 +520,21 @@ mod tests {
                 .unwrap_err()
                 .contains("chunk size line")
         );
+    }
+
+    #[test]
+    fn framing_cannot_cost_many_times_the_body() {
+        let interim = "HTTP/1.1 100 Continue\r\n\r\n".repeat(9) + "HTTP/1.1 200 OK\r\n\r\n";
+        let err = read_response(interim.as_bytes(), 1024).expect_err("too many interim answers");
+        assert!(err.contains("more than 8 interim"), "{err}");
+        // One-byte chunks behind long extensions: small body, long answer.
+        let chunk = format!("1;{}\r\nx\r\n", "e".repeat(1000));
+        let chunked = format!(
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n{}0\r\n\r\n",
+            chunk.repeat(200)
+        );
+        let err = read_response(chunked.as_bytes(), 1024).expect_err("too long an answer");
+        assert!(err.contains("longer than"), "{err}");
     }
 
     #[test]

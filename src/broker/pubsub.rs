@@ -149,17 +149,16 @@ impl Health {
         }
     }
 
+    /// Records why `work` fails. The reason is brief (Google's code and
+    /// status, no names of projects, accounts or providers): /readyz is
+    /// public, and the log line next to each failure has the whole story.
     fn failed(&self, work: Work, err: &ApiError) {
         let what = match work {
             Work::Setup => "cannot set up the subscription",
             Work::Publish => "publishing fails",
             Work::Pull => "pulling fails",
         };
-        // Google's messages are a sentence or two; a proxy's page is cut.
-        let mut problem = format!("{what}: {err}");
-        if let Some((cut, _)) = problem.char_indices().nth(300) {
-            problem.truncate(cut);
-        }
+        let problem = format!("{what}: {} (the log says more)", err.brief());
         *Health::slot(&mut lock(&self.problems), work) = Some(problem);
     }
 
@@ -334,7 +333,15 @@ impl Broker for PubSubBroker {
         self.pullers.ready.store(false, Ordering::SeqCst);
         let publish_deadline = deadline.checked_sub(DELETE_TIMEOUT).unwrap_or(deadline);
         let _ = self.stop.try_send(publish_deadline);
-        let _ = self.publisher_done.recv_deadline(publish_deadline);
+        if self.publisher_done.recv_deadline(publish_deadline).is_err() {
+            // The publisher is inside a call that outlasts the deadline;
+            // what waits behind it is lost with the process.
+            let left = self.queue.queued.load(Ordering::Acquire);
+            METRICS.unpublished(Unpublished::Shutdown, left as u64);
+            crate::error!(
+                "shutting down with a publish call unfinished and {left} messages queued behind it"
+            );
+        }
         // No create starts after this, and one in progress finishes first,
         // so our delete is the last word.
         self.pullers.subscription.stop(publish_deadline);
@@ -453,6 +460,15 @@ impl Publisher<'_> {
                 }
             }
             queued.fetch_sub(batch.len(), Ordering::AcqRel);
+            if self.deadline.is_some_and(|at| Instant::now() >= at) {
+                // Out of time: what is left is lost. Count it and say so,
+                // once, rather than start calls the exit would cut short.
+                let left =
+                    alerts_in(&batch) + queue.try_iter().map(|q| alerts_in(&[q])).sum::<u64>();
+                METRICS.unpublished(Unpublished::Shutdown, left);
+                crate::error!("shutting down with {left} alerts unpublished: out of time");
+                return;
+            }
             self.publish_with_retry(&mut batch);
             batch.clear();
         }
@@ -605,7 +621,13 @@ fn puller(api: &Api, deliveries: &Sender<Delivery>, pullers: &Pullers, health: &
             Err(_) if pullers.subscription.is_stopping() => {}
             Err(err) => {
                 METRICS.pull_errors.inc();
-                health.failed(Work::Pull, err);
+                // A passing failure is retried within 2 s and clears at the
+                // next pull; only one that waits for a person makes the
+                // instance unready (an idle pull may be held ~90 s, so a
+                // reset connection would otherwise show for that long).
+                if err.failure() == Failure::NeedsPerson {
+                    health.failed(Work::Pull, err);
+                }
             }
         }
         match pulled {
@@ -672,6 +694,8 @@ const NEEDS_A_PERSON: &str =
 static PULL_FAILED: Throttle = Throttle::new();
 static PULL_REFUSED: Throttle = Throttle::new();
 static DEDUPE_FULL: Throttle = Throttle::new();
+static SETUP_FAILED: Throttle = Throttle::new();
+static SETUP_REFUSED: Throttle = Throttle::new();
 
 impl Pullers {
     /// The alerts and heartbeats of a pulled batch that no puller handed on
@@ -795,14 +819,27 @@ impl SubscriptionState {
             }
             Err(err) => {
                 health.failed(Work::Setup, &err);
-                let pause = if err.failure() == Failure::NeedsPerson {
-                    crate::error!(
-                        "cannot set up subscription {}: {err}; {NEEDS_A_PERSON}",
-                        api.subscription
-                    );
+                // A topic or subscription that cannot be found while
+                // creating them means a wrong project id.
+                let needs_person =
+                    matches!(err.failure(), Failure::NeedsPerson | Failure::NotFound);
+                let pause = if needs_person {
+                    if let Some(held) = SETUP_REFUSED.allow() {
+                        crate::error!(
+                            "cannot set up subscription {}: {err}; {NEEDS_A_PERSON}{}",
+                            api.subscription,
+                            suppressed(held)
+                        );
+                    }
                     state.slow.next()
                 } else {
-                    crate::warn!("cannot set up subscription {}: {err}", api.subscription);
+                    if let Some(held) = SETUP_FAILED.allow() {
+                        crate::warn!(
+                            "cannot set up subscription {}: {err}{}",
+                            api.subscription,
+                            suppressed(held)
+                        );
+                    }
                     state.quick.next()
                 };
                 state.retry_at = Some(Instant::now() + pause);
@@ -964,6 +1001,18 @@ impl ApiError {
         }
     }
 
+    /// What went wrong in a few words that name nothing of the project.
+    fn brief(&self) -> String {
+        match self {
+            ApiError::Status { code, status, .. } => format!("{code} {status}").trim().to_string(),
+            ApiError::Transport(_) => "no answer from Pub/Sub".to_string(),
+            ApiError::Auth(err) => match err.status {
+                Some(status) => format!("no access token: the token endpoint answered {status}"),
+                None => "no access token: no answer from the token endpoint".to_string(),
+            },
+        }
+    }
+
     fn status(&self) -> Option<u16> {
         match self {
             ApiError::Status { code, .. } => Some(*code),
@@ -1083,9 +1132,21 @@ impl Api {
         }
     }
 
+    /// The last call, at shutdown: with the token in hand, if it is still
+    /// valid, rather than wait for a renewal the shutdown has no time for.
     fn delete_subscription(&self) -> Result<(), ApiError> {
-        self.call(&self.deletes, "DELETE", &self.subscription, None)
-            .map(drop)
+        let token = match self.tokens.as_ref().map(TokenSource::cached) {
+            Some(None) => self.token()?,
+            cached => cached.flatten(),
+        };
+        self.send(
+            &self.deletes,
+            "DELETE",
+            &self.subscription,
+            None,
+            token.as_deref(),
+        )
+        .map(drop)
     }
 
     fn publish(&self, batch: &[Queued]) -> Result<(), ApiError> {
@@ -1377,6 +1438,7 @@ mod tests {
         let token_error = |refused| TokenError {
             reason: "no".into(),
             refused,
+            status: None,
         };
         assert_eq!(
             ApiError::Auth(token_error(true)).failure(),
