@@ -93,10 +93,8 @@ fn websocket_config() -> WebSocketConfig {
         .max_frame_size(Some(MAX_MESSAGE_BYTES))
 }
 
-/// The connection's WebSocket state, on the heap: the read loop runs under
-/// the frame that holds it for the thread's whole life, and ~350 bytes less
-/// there keep the deepest call within the thread's first two stack pages
-/// (see `http::connection_thread`).
+/// The connection's WebSocket state, on the heap, not in the frame the read
+/// loop runs under (ARCHITECTURE.md, "Stack pages of a connection thread").
 #[inline(never)]
 fn websocket(socket: Arc<TcpStream>, already_read: Vec<u8>) -> Box<WebSocket<SplitSocket>> {
     let read_half = SplitSocket {
@@ -153,9 +151,8 @@ pub fn serve(
 }
 
 /// The server ends the session: sends `code` and waits (briefly) for the
-/// client's answer. Out of line, like every path an idle connection never
-/// takes, to keep the frames of a thread's whole life small (see
-/// `http::connection_thread`).
+/// client's answer. Out of line (ARCHITECTURE.md, "Stack pages of a
+/// connection thread").
 #[inline(never)]
 fn close(
     ws: &mut WebSocket<SplitSocket>,

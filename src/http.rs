@@ -216,16 +216,9 @@ fn accept_loop(listener: &TcpListener, server: &Arc<Server>, stopping: &AtomicBo
 }
 
 /// The life of a connection thread, in two steps that never overlap on the
-/// stack: the HTTP request (and the handshake), then the WebSocket session.
-///
-/// Why two steps: a thread keeps every stack page it has ever touched for as
-/// long as it lives, and a WebConnection thread lives for hours. Glibc's thread
-/// block and Rust's thread start already use ~4.8 KiB of the top page pair;
-/// if the session ran inside the request handler, its frames would sit below
-/// the handler's (request buffers, header table) and the thread would keep a
-/// third page. Run one after the other, and with the pages only the request
-/// needed given back in between, the session keeps what it alone touches:
-/// two pages (8 KiB, measured; BENCHMARKS.md).
+/// stack: the HTTP request (and the handshake), then the WebSocket session,
+/// with the request's stack pages given back in between (ARCHITECTURE.md,
+/// "Stack pages of a connection thread").
 fn connection_thread(stream: TcpStream, server: &Server, pending: Option<u64>) {
     let Some(client) = handle_connection(stream, server, pending) else {
         return;
@@ -243,11 +236,10 @@ fn connection_thread(stream: TcpStream, server: &Server, pending: Option<u64>) {
     drop(slot);
 }
 
-/// Gives the stack pages below this call's frame back to the kernel. The
-/// request (parsing, the origin and address checks, the handshake) runs
-/// deeper than a session ever does, and a thread would otherwise keep those
-/// pages for as long as its WebSocket lives. Only dead frames lie below the
-/// stack pointer, and a page given back reads as zeros if touched again.
+/// Gives the stack pages below this call's frame back to the kernel
+/// (ARCHITECTURE.md, "Stack pages of a connection thread"). Only dead frames
+/// lie below the stack pointer, and a page given back reads as zeros if
+/// touched again.
 #[inline(never)]
 fn release_stack_below_here() {
     let here = 0u8;
@@ -457,8 +449,8 @@ fn read_head(
         if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
             return Err(HeadError::Gone);
         }
-        // Read straight into the buffer: a chunk array on the stack would
-        // cost the thread a page for life (see `connection_thread`).
+        // Straight into the buffer, not through a chunk on the stack
+        // (ARCHITECTURE.md, "Stack pages of a connection thread").
         let filled = buf.len();
         buf.resize(filled + 1024, 0);
         let n = match stream.read(&mut buf[filled..]) {
@@ -582,9 +574,8 @@ fn upgrade<'a>(
 
 /// RFC 6455 §4.2.1: the key is 16 random bytes in base64, which is 22
 /// characters of the alphabet (the last of them carrying only 2 bits, so
-/// one of `AQgw`) and `==`. Checked by hand rather than decoded: the
-/// decoder's frames would cost every connection thread a stack page for
-/// life (ARCHITECTURE.md, "Invariants").
+/// one of `AQgw`) and `==`. Checked by hand rather than decoded
+/// (ARCHITECTURE.md, "Stack pages of a connection thread").
 fn is_websocket_key(key: &str) -> bool {
     let bytes = key.as_bytes();
     let alphabet = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
@@ -614,8 +605,8 @@ fn client_ip(stream: &TcpStream, head: &Head, header: Option<&str>) -> Result<Ip
     stream.peer_addr().map(|peer| peer.ip()).map_err(drop)
 }
 
-// The refusals below are out of line: their logging and formatting would
-// otherwise sit in `upgrade`'s frame on every connection thread's stack.
+// The refusals below are out of line (ARCHITECTURE.md, "Stack pages of a
+// connection thread").
 
 #[cold]
 #[inline(never)]

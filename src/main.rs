@@ -3,8 +3,10 @@
 //!
 //! The whole shape of the server is here: read the configuration, start the
 //! broker and the fan-out, start accepting connections, wait for a signal,
-//! shut down in order. Every long-lived thread and channel is created below;
-//! ARCHITECTURE.md draws how they connect.
+//! shut down in order. The server's threads and channels are created below
+//! (the Pub/Sub broker starts its own, inside `PubSubBroker::start`);
+//! ARCHITECTURE.md draws how they connect, and follows one press through
+//! them.
 
 mod address;
 mod auth;

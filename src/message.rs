@@ -13,12 +13,9 @@ use serde_json::{Map, Value};
 /// Largest integer a browser's `Date.now()` can represent exactly.
 pub const MAX_TIMESTAMP: u64 = (1 << 53) - 1;
 
-/// Deepest nesting of arrays and objects accepted in a client message. An
-/// alert is one level deep. serde_json recurses once per level (up to 128),
-/// and a connection thread keeps every stack page it ever touched: 127
-/// levels cost ~32 KiB of stack (measured), resident for the rest of that
-/// connection's life. Checked before parsing, this caps what one message can
-/// make a thread keep.
+/// Deepest nesting of arrays and objects accepted in a client message (an
+/// alert is one level deep), checked before parsing: serde_json recurses per
+/// level (ARCHITECTURE.md, "Stack pages of a connection thread").
 pub const MAX_JSON_DEPTH: usize = 8;
 
 /// An alert as it is broadcast to every client of every instance, and as it
