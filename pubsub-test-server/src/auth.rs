@@ -20,8 +20,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::{ApiError, Reply};
 use crate::federation::Trust;
+use crate::reply::{ApiError, Reply};
 use crate::state::{IssuedToken, unix_now};
 use crate::{Credential, Shared};
 
@@ -412,6 +412,6 @@ pub(crate) fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, String> {
 }
 
 fn form_decode(s: &str) -> Result<String, String> {
-    crate::api::percent_decode(&s.replace('+', " "))
+    crate::percent::percent_decode(&s.replace('+', " "))
         .ok_or_else(|| format!("Malformed percent-encoding in the form body: {s}"))
 }

@@ -40,9 +40,9 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, Reply};
 use crate::auth::{bearer_token, oauth_error, oauth_post_only, parse_form};
 use crate::json;
+use crate::reply::{ApiError, Reply};
 use crate::state::IssuedToken;
 use crate::{Credential, Shared, VerifiedJwt};
 
@@ -425,7 +425,7 @@ fn impersonate(
             format!("The requested URL {path} was not found on this server."),
         ));
     };
-    let email = crate::api::percent_decode(email)
+    let email = crate::percent::percent_decode(email)
         .ok_or_else(|| ApiError::invalid(format!("Malformed percent-encoding in {path}.")))?;
     record.email.clone_from(&email);
     if method != "POST" {

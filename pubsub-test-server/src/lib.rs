@@ -66,6 +66,8 @@ mod federation;
 mod fly;
 mod json;
 mod keys;
+mod percent;
+mod reply;
 mod state;
 mod time;
 
@@ -78,6 +80,7 @@ use std::time::{Duration, Instant};
 pub use federation::{Federation, Impersonation, StsExchange};
 pub use fly::{FlyMachineApi, OidcRequest};
 pub use keys::{TestKey, generate_test_key, service_account_json};
+pub use reply::Refusal;
 
 use state::State;
 
@@ -234,37 +237,6 @@ impl Shared {
 }
 
 /// A running Pub/Sub REST test server on a loopback port. Dropping it stops it.
-/// An error for [`PubSubTestServer::refuse_publishes`] to answer with:
-/// Google's HTTP code and `status`, and a message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub code: u16,
-    pub status: &'static str,
-    pub message: &'static str,
-}
-
-impl Refusal {
-    /// What a project without billing gets (code and status per Google's
-    /// error table; the wording is a stand-in, not Google's).
-    pub const BILLING_DISABLED: Refusal = Refusal {
-        code: 400,
-        status: "FAILED_PRECONDITION",
-        message: "Billing is disabled for this project (pubsub-test-server stand-in wording).",
-    };
-    /// What a role without `pubsub.topics.publish` gets.
-    pub const PERMISSION_DENIED: Refusal = Refusal {
-        code: 403,
-        status: "PERMISSION_DENIED",
-        message: "User not authorized to perform this action.",
-    };
-    /// A request the service can never take as it is.
-    pub const INVALID_ARGUMENT: Refusal = Refusal {
-        code: 400,
-        status: "INVALID_ARGUMENT",
-        message: "Invalid request (pubsub-test-server refuse_publishes).",
-    };
-}
-
 pub struct PubSubTestServer {
     shared: Arc<Shared>,
     http: Arc<tiny_http::Server>,

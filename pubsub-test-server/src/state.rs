@@ -242,7 +242,7 @@ pub(crate) struct State {
     /// Topic creates answer 403, as for a role without pubsub.topics.create.
     pub(crate) deny_topic_creates: bool,
     /// Every publish is refused with this, storing nothing (`refuse_publishes`).
-    pub(crate) publish_refusal: Option<crate::Refusal>,
+    pub(crate) publish_refusal: Option<crate::reply::Refusal>,
     /// Publishes still to be stored but answered 503, as when the answer is lost.
     pub(crate) lose_publish_answers: usize,
     /// Every `/v1` call fails with `outage_status` until this instant (an outage).
