@@ -22,7 +22,8 @@ use serde_json::json;
 
 use crate::federation::Trust;
 use crate::reply::{ApiError, Reply};
-use crate::state::{IssuedToken, unix_now};
+use crate::state::IssuedToken;
+use crate::time::unix_now;
 use crate::{Credential, Shared};
 
 /// The `aud` of a self-signed JWT for Pub/Sub.
@@ -33,8 +34,6 @@ const ACCEPTED_SCOPES: [&str; 2] = [
     "https://www.googleapis.com/auth/cloud-platform",
 ];
 const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-/// Google issues access tokens valid for one hour and reports 3599 s.
-pub(crate) const ACCESS_TOKEN_LIFETIME: u64 = 3599;
 /// Google refuses assertions meant to live longer than an hour.
 const MAX_JWT_LIFETIME: u64 = 3600;
 /// Tolerated clock difference between client and server.

@@ -171,7 +171,7 @@ impl Trust {
                 }
             })?;
         let claims = data.claims;
-        let now = crate::state::unix_now();
+        let now = crate::time::unix_now();
         if claims["iat"]
             .as_u64()
             .is_none_or(|iat| iat > now + CLOCK_SKEW)

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -20,6 +20,9 @@ use crate::json::Obj;
 
 /// What a subscription whose topic was deleted reports as its topic (as Google does).
 pub(crate) const DELETED_TOPIC: &str = "_deleted-topic_";
+/// Google issues access tokens valid for one hour and reports 3599 s: the lifetime of
+/// every token issued until a test changes it (`set_access_token_lifetime`).
+const ACCESS_TOKEN_LIFETIME: u64 = 3599;
 
 /// A published message, shared by every subscription it was delivered to.
 pub(crate) struct StoredMessage {
@@ -314,7 +317,7 @@ impl State {
             delay: Duration::ZERO,
             pull_fill_wait: Duration::ZERO,
             ignore_acks: 0,
-            token_lifetime: Duration::from_secs(crate::auth::ACCESS_TOKEN_LIFETIME),
+            token_lifetime: Duration::from_secs(ACCESS_TOKEN_LIFETIME),
             requests: Vec::new(),
             verified_jwts: Vec::new(),
             access_tokens: HashMap::new(),
@@ -387,14 +390,8 @@ impl State {
         self.access_tokens.clear();
         let seen: Vec<String> = self.seen_jwts.drain().collect();
         self.revoked_jwts.extend(seen);
-        self.jwt_not_before = unix_now();
+        self.jwt_not_before = crate::time::unix_now();
     }
-}
-
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]
