@@ -40,8 +40,8 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 
-use crate::auth::{bearer_token, oauth_error, oauth_post_only, parse_form};
 use crate::json;
+use crate::oauth::{bearer_token, oauth_error, oauth_post_only, parse_form};
 use crate::reply::{ApiError, Reply};
 use crate::state::IssuedToken;
 use crate::{Credential, Shared, VerifiedJwt};

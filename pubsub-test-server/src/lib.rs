@@ -66,6 +66,7 @@ mod federation;
 mod fly;
 mod json;
 mod keys;
+mod oauth;
 mod percent;
 mod reply;
 mod state;
