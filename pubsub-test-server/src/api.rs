@@ -24,9 +24,9 @@ use crate::auth::{self, Bearer};
 use crate::federation;
 use crate::json::{self, Obj, secs};
 use crate::percent::percent_decode;
+use crate::records::{Credential, RequestRecord};
 use crate::reply::{ApiError, Reply};
-use crate::state::{AckId, Subscription};
-use crate::{Credential, RequestRecord, Shared};
+use crate::state::{AckId, Shared, Subscription};
 
 /// Google's limit on a publish request, applied to every request body.
 const MAX_BODY: usize = 10 * 1024 * 1024;
