@@ -1,5 +1,26 @@
 //! A strict, in-memory emulation of Google Cloud Pub/Sub's REST API v1, for tests.
 //!
+//! Modules, top to bottom (each uses only modules below it; `tests/layering.rs` checks):
+//! * `lib`: the public API: [`PubSubTestServer`] with its knobs and inspection methods,
+//!   [`Options`], [`Auth`]; the acceptor thread; re-exports of the public types below.
+//! * `api`: the HTTP front, run on each request's own thread: routing, the fault knobs,
+//!   the `/v1` Pub/Sub methods.
+//! * `auth`: the service-account token endpoint (`/token`) and the bearer check of `/v1`.
+//! * `federation`: the STS token exchange and IAM's `generateAccessToken`.
+//! * `state`: the in-memory model (`State`), and `Shared`, which guards it and holds the
+//!   server's fixed configuration.
+//! * `trust`: whom the server trusts and how it checks their JWTs (a service account's
+//!   key, a workload identity provider's issuer, [`Federation`]).
+//! * `records`: the plain data tests read back ([`RequestRecord`], [`Credential`],
+//!   [`VerifiedJwt`], [`StsExchange`], [`Impersonation`]).
+//! * `fly`: [`FlyMachineApi`], the Fly Machine API stand-in (a server of its own).
+//! * `oauth`: OAuth 2.0 on the wire: bearer headers, form bodies, OAuth-style errors.
+//! * `json`: strict reading of request bodies under proto3's JSON mapping.
+//! * `reply`: what the server answers: a JSON reply, Google's error shape, [`Refusal`].
+//! * `percent`: percent-decoding of paths, queries and forms.
+//! * `keys`: throw-away service-account keys ([`TestKey`]) and random bytes.
+//! * `time`: RFC 3339 timestamps and the Unix clock.
+//!
 //! Skywatch talks to Pub/Sub over plain HTTP+JSON. This machine (and CI) cannot reach
 //! Google, so the tests run Skywatch against this server instead. It follows Google's
 //! public REST reference, <https://cloud.google.com/pubsub/docs/reference/rest>:
