@@ -23,8 +23,10 @@ use serde_json::{Value, json};
 use crate::auth::{self, Bearer};
 use crate::federation;
 use crate::json::{self, Obj, secs};
-use crate::state::{AckId, Subscription};
-use crate::{Credential, RequestRecord, Shared};
+use crate::percent::percent_decode;
+use crate::records::{Credential, RequestRecord};
+use crate::reply::{ApiError, Reply};
+use crate::state::{AckId, Shared, Subscription};
 
 /// Google's limit on a publish request, applied to every request body.
 const MAX_BODY: usize = 10 * 1024 * 1024;
@@ -43,200 +45,6 @@ const DEFAULT_RETENTION: u128 = secs(7 * 86_400);
 const MIN_TTL: u128 = secs(86_400);
 const MAX_TTL: u128 = secs(365 * 86_400);
 const DEFAULT_TTL: u128 = secs(31 * 86_400);
-
-/// An HTTP answer; every body this server sends is JSON.
-pub(crate) struct Reply {
-    pub(crate) status: u16,
-    pub(crate) body: Value,
-    pub(crate) headers: Vec<(&'static str, String)>,
-}
-
-impl Reply {
-    pub(crate) fn json(status: u16, body: Value) -> Reply {
-        Reply {
-            status,
-            body,
-            headers: Vec::new(),
-        }
-    }
-
-    pub(crate) fn with_header(mut self, name: &'static str, value: impl Into<String>) -> Reply {
-        self.headers.push((name, value.into()));
-        self
-    }
-}
-
-/// A `google.rpc.Status` error: `{"error": {"code", "message", "status"}}`.
-#[derive(Debug)]
-pub(crate) struct ApiError {
-    pub(crate) code: u16,
-    pub(crate) message: String,
-    headers: Vec<(&'static str, String)>,
-    /// Google's `status` when the HTTP code alone does not say it (409 is
-    /// both ALREADY_EXISTS and ABORTED).
-    status: Option<&'static str>,
-}
-
-impl ApiError {
-    pub(crate) fn new(code: u16, message: String) -> ApiError {
-        ApiError {
-            code,
-            message,
-            headers: Vec::new(),
-            status: None,
-        }
-    }
-
-    /// 409 ABORTED: a transient conflict, to be retried (Google's error
-    /// table maps ABORTED to HTTP 409, like ALREADY_EXISTS).
-    fn aborted() -> ApiError {
-        ApiError {
-            status: Some("ABORTED"),
-            ..ApiError::new(
-                409,
-                "The operation was aborted (pubsub-test-server abort_next_creates).".into(),
-            )
-        }
-    }
-
-    /// What a caller whose role lacks `pubsub.topics.create` gets, whether or
-    /// not the topic exists.
-    fn topic_create_denied() -> ApiError {
-        ApiError::new(403, "User not authorized to perform this action.".into())
-    }
-
-    /// The next create of a topic or subscription fails as `abort_next_creates`
-    /// or `deny_topic_creates` asks.
-    fn create_refused(shared: &Shared, topic: bool) -> Option<ApiError> {
-        let mut state = shared.lock();
-        if topic && state.deny_topic_creates {
-            return Some(ApiError::topic_create_denied());
-        }
-        if state.abort_creates > 0 {
-            state.abort_creates -= 1;
-            return Some(ApiError::aborted());
-        }
-        None
-    }
-
-    fn refused(refusal: crate::Refusal) -> ApiError {
-        ApiError {
-            status: Some(refusal.status),
-            ..ApiError::new(refusal.code, refusal.message.into())
-        }
-    }
-
-    /// A publish stored, whose answer the client never gets.
-    fn answer_lost() -> ApiError {
-        ApiError::new(
-            503,
-            "The service is currently unavailable (pubsub-test-server lose_next_publish_answers: \
-             the messages were stored)."
-                .into(),
-        )
-    }
-
-    pub(crate) fn invalid(message: String) -> ApiError {
-        ApiError::new(400, message)
-    }
-
-    /// The real service names only the resource ID in NOT_FOUND messages.
-    fn not_found(id: &str) -> ApiError {
-        ApiError::new(404, format!("Resource not found (resource={id})."))
-    }
-
-    fn already_exists(id: &str) -> ApiError {
-        ApiError::new(
-            409,
-            format!("Resource already exists in the project (resource={id})."),
-        )
-    }
-
-    pub(crate) fn method_not_allowed(method: &str, allow: &'static str) -> ApiError {
-        let mut e = ApiError::new(
-            405,
-            format!("HTTP method {method} is not allowed here; allowed: {allow}."),
-        );
-        e.headers.push(("Allow", allow.to_owned()));
-        e
-    }
-
-    /// For features the real service has but this server does not model: refusing
-    /// loudly beats pretending, since delivery would silently differ.
-    fn not_emulated(what: &str) -> ApiError {
-        ApiError::invalid(format!("{what} is not emulated by pubsub-test-server."))
-    }
-
-    pub(crate) fn unauthenticated(missing: bool, reason: &str) -> ApiError {
-        let lead = if missing {
-            "Request is missing required authentication credential."
-        } else {
-            "Request had invalid authentication credentials."
-        };
-        let mut e = ApiError::new(
-            401,
-            format!(
-                "{lead} Expected OAuth 2 access token, login cookie or other valid \
-                 authentication credential. See \
-                 https://developers.google.com/identity/sign-in/web/devconsole-project. \
-                 (pubsub-test-server: {reason})"
-            ),
-        );
-        let challenge = if missing {
-            "Bearer realm=\"https://accounts.google.com/\"".to_owned()
-        } else {
-            "Bearer realm=\"https://accounts.google.com/\", error=\"invalid_token\"".to_owned()
-        };
-        e.headers.push(("WWW-Authenticate", challenge));
-        e
-    }
-
-    /// The error `fail_next` injects, with the message Google sends for that status.
-    fn injected(code: u16) -> ApiError {
-        let message = match code {
-            429 => "Resource has been exhausted (e.g. check quota).",
-            500 => "Internal error encountered.",
-            503 => "The service is currently unavailable.",
-            504 => "The request deadline was exceeded.",
-            _ => "Injected failure (pubsub-test-server fail_next).",
-        };
-        ApiError::new(code, message.to_owned())
-    }
-
-    pub(crate) fn into_reply(self) -> Reply {
-        let mut reply = Reply::json(
-            self.code,
-            json!({"error": {
-                "code": self.code,
-                "message": self.message,
-                "status": self.status.unwrap_or(status_name(self.code)),
-            }}),
-        );
-        reply.headers = self.headers;
-        reply
-    }
-}
-
-/// The canonical `google.rpc.Code` name Google pairs with an HTTP status.
-fn status_name(code: u16) -> &'static str {
-    match code {
-        400 => "INVALID_ARGUMENT",
-        401 => "UNAUTHENTICATED",
-        403 => "PERMISSION_DENIED",
-        404 => "NOT_FOUND",
-        // No RPC code means "wrong HTTP method"; UNIMPLEMENTED is the closest real one,
-        // so clients that parse `status` as a google.rpc.Code still can.
-        405 | 501 => "UNIMPLEMENTED",
-        409 => "ALREADY_EXISTS",
-        412 => "FAILED_PRECONDITION",
-        429 => "RESOURCE_EXHAUSTED",
-        499 => "CANCELLED",
-        500 => "INTERNAL",
-        503 => "UNAVAILABLE",
-        504 => "DEADLINE_EXCEEDED",
-        _ => "UNKNOWN",
-    }
-}
 
 /// Answers one HTTP request (on its own thread) and records it.
 pub(crate) fn handle(shared: &Shared, mut request: tiny_http::Request) {
@@ -560,28 +368,6 @@ fn query_pairs(query: &str) -> Option<Vec<(String, String)>> {
         .collect()
 }
 
-/// Decodes `%XX` escapes; `None` if an escape is malformed or the result is not UTF-8.
-pub(crate) fn percent_decode(s: &str) -> Option<String> {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes.get(i + 1..i + 3)?;
-            // Checked digit by digit: from_str_radix would also take a sign ("%+1").
-            if !hex.iter().all(u8::is_ascii_hexdigit) {
-                return None;
-            }
-            out.push(u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
 fn decode_segment(raw: &str) -> Result<String, ApiError> {
     percent_decode(raw)
         .ok_or_else(|| ApiError::invalid(format!("Malformed percent-encoding in the URL: {raw}")))
@@ -775,8 +561,22 @@ const TOPIC_FIELDS: &[&str] = &[
     "messageTransforms",
 ];
 
+/// The next create of a topic or subscription fails as `abort_next_creates`
+/// or `deny_topic_creates` asks.
+fn create_refused(shared: &Shared, topic: bool) -> Option<ApiError> {
+    let mut state = shared.lock();
+    if topic && state.deny_topic_creates {
+        return Some(ApiError::topic_create_denied());
+    }
+    if state.abort_creates > 0 {
+        state.abort_creates -= 1;
+        return Some(ApiError::aborted());
+    }
+    None
+}
+
 fn create_topic(shared: &Shared, name: &str, body: &[u8]) -> Result<Reply, ApiError> {
-    if let Some(refused) = ApiError::create_refused(shared, true) {
+    if let Some(refused) = create_refused(shared, true) {
         return Err(refused);
     }
     let obj = json::fields(&json::parse_body(body)?, TOPIC_FIELDS, "topic")?;
@@ -1010,7 +810,7 @@ fn check_retention(retention: u128) -> Result<(), ApiError> {
 }
 
 fn create_subscription(shared: &Shared, name: &str, body: &[u8]) -> Result<Reply, ApiError> {
-    if let Some(refused) = ApiError::create_refused(shared, false) {
+    if let Some(refused) = create_refused(shared, false) {
         return Err(refused);
     }
     const AT: &str = "subscription";
@@ -1364,14 +1164,5 @@ mod tests {
         ] {
             assert!(topic_name_in_body(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%25b%2Bc").as_deref(), Some("a%b+c"));
-        assert_eq!(percent_decode("%zz"), None);
-        assert_eq!(percent_decode("%2"), None);
-        assert_eq!(percent_decode("%ff"), None);
-        assert_eq!(percent_decode("%+1"), None);
     }
 }

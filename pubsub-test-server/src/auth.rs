@@ -10,20 +10,21 @@
 //!
 //! Error bodies of `/token` follow RFC 6749 section 5.2 as Google's endpoint sends them:
 //! `{"error": "invalid_grant", "error_description": "..."}`.
+//!
+//! The JWTs themselves are checked by `trust::Verifier`; this module decides what a
+//! verified token may do.
 
 use std::time::Instant;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
-use serde::Deserialize;
 use serde_json::json;
 
-use crate::api::{ApiError, Reply};
-use crate::federation::Trust;
-use crate::state::{IssuedToken, unix_now};
-use crate::{Credential, Shared};
+use crate::oauth::{bearer_token, oauth_error, oauth_post_only, parse_form};
+use crate::records::{Credential, VerifiedJwt};
+use crate::reply::{ApiError, Reply};
+use crate::state::{IssuedToken, Shared, State};
+use crate::trust::Trust;
 
 /// The `aud` of a self-signed JWT for Pub/Sub.
 pub(crate) const PUBSUB_AUDIENCE: &str = "https://pubsub.googleapis.com/";
@@ -33,98 +34,6 @@ const ACCEPTED_SCOPES: [&str; 2] = [
     "https://www.googleapis.com/auth/cloud-platform",
 ];
 const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
-/// Google issues access tokens valid for one hour and reports 3599 s.
-pub(crate) const ACCESS_TOKEN_LIFETIME: u64 = 3599;
-/// Google refuses assertions meant to live longer than an hour.
-const MAX_JWT_LIFETIME: u64 = 3600;
-/// Tolerated clock difference between client and server.
-const CLOCK_SKEW: u64 = 60;
-
-/// The account the server trusts.
-pub(crate) struct Verifier {
-    key: DecodingKey,
-    client_email: String,
-}
-
-impl Verifier {
-    pub(crate) fn new(public_key_pem: &str, client_email: &str) -> std::io::Result<Verifier> {
-        let key = DecodingKey::from_rsa_pem(public_key_pem.as_bytes()).map_err(|e| {
-            std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("Auth::Verify public_key_pem is not an RSA public key: {e}"),
-            )
-        })?;
-        if client_email.is_empty() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                "Auth::Verify client_email is empty",
-            ));
-        }
-        Ok(Verifier {
-            key,
-            client_email: client_email.to_owned(),
-        })
-    }
-
-    /// Verifies an RS256 JWT of our service account for `audience`, including Google's
-    /// one-hour lifetime rule. Returns its claims.
-    fn verify(&self, token: &str, audience: &str) -> Result<Claims, String> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| format!("Invalid JWT: cannot decode header ({e})."))?;
-        if header.alg != Algorithm::RS256 {
-            return Err(format!(
-                "Invalid JWT: algorithm {:?} is not supported; service accounts sign with RS256.",
-                header.alg
-            ));
-        }
-        if header.kid.as_deref().is_none_or(str::is_empty) {
-            return Err(
-                "Invalid JWT: the header has no kid (the key file's private_key_id).".into(),
-            );
-        }
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.set_audience(&[audience]);
-        validation.set_issuer(&[&self.client_email]);
-        validation.set_required_spec_claims(&["exp", "iss", "aud"]);
-        validation.leeway = CLOCK_SKEW;
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &validation).map_err(|e| {
-            match e.kind() {
-                ErrorKind::InvalidSignature => "Invalid JWT Signature.".to_owned(),
-                ErrorKind::ExpiredSignature => TIMEFRAME_ERROR.to_owned(),
-                ErrorKind::InvalidAudience => {
-                    format!("Invalid JWT: Failed audience check. The expected value is {audience}.")
-                }
-                ErrorKind::InvalidIssuer => format!(
-                    "Invalid grant: account not found (iss must be {}).",
-                    self.client_email
-                ),
-                other => format!("Invalid JWT: {other:?}."),
-            }
-        })?;
-        let claims = data.claims;
-        let now = unix_now();
-        let sane = claims.iat <= now + CLOCK_SKEW
-            && claims.exp > claims.iat
-            && claims.exp - claims.iat <= MAX_JWT_LIFETIME;
-        if !sane {
-            return Err(TIMEFRAME_ERROR.to_owned());
-        }
-        Ok(claims)
-    }
-}
-
-const TIMEFRAME_ERROR: &str = "Invalid JWT: Token must be a short-lived token (60 minutes) and \
-     in a reasonable timeframe. Check your iat and exp values in the JWT claim.";
-
-#[derive(Deserialize)]
-struct Claims {
-    iat: u64,
-    exp: u64,
-    #[serde(default)]
-    sub: Option<String>,
-    #[serde(default)]
-    scope: Option<String>,
-}
 
 /// What a `/v1` request's `Authorization` header amounted to.
 pub(crate) enum Bearer {
@@ -136,29 +45,6 @@ pub(crate) enum Bearer {
     Invalid(String),
     /// A valid token whose identity may not call Pub/Sub (403).
     Forbidden(String),
-}
-
-/// The token of the request's `Authorization: Bearer` header: None when there is no
-/// such header, an error when it is malformed.
-pub(crate) fn bearer_token(headers: &[(String, String)]) -> Result<Option<&str>, String> {
-    let mut values = headers
-        .iter()
-        .filter(|(name, _)| name == "authorization")
-        .map(|(_, value)| value.as_str());
-    let Some(value) = values.next() else {
-        return Ok(None);
-    };
-    if values.next().is_some() {
-        return Err("more than one Authorization header".into());
-    }
-    let token = match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-        _ => return Err("the Authorization header is not \"Bearer <token>\"".into()),
-    };
-    if token.is_empty() {
-        return Err("empty bearer token".into());
-    }
-    Ok(Some(token))
 }
 
 /// Checks the bearer token of a `/v1` request (only when the server verifies tokens).
@@ -230,7 +116,7 @@ fn pubsub_access(shared: &Shared, issued: &IssuedToken) -> Bearer {
 
 /// Keeps the decoded header and claims of a JWT that passed verification, so
 /// tests can check what the client put in it ([`crate::PubSubTestServer::verified_jwts`]).
-fn record_jwt(state: &mut crate::state::State, token: &str) {
+fn record_jwt(state: &mut State, token: &str) {
     let decode = |part: Option<&str>| {
         part.and_then(|p| URL_SAFE_NO_PAD.decode(p).ok())
             .and_then(|bytes| serde_json::from_slice(&bytes).ok())
@@ -239,9 +125,7 @@ fn record_jwt(state: &mut crate::state::State, token: &str) {
     let mut parts = token.split('.');
     let header = decode(parts.next());
     let claims = decode(parts.next());
-    state
-        .verified_jwts
-        .push(crate::VerifiedJwt { header, claims });
+    state.verified_jwts.push(VerifiedJwt { header, claims });
 }
 
 /// `POST /token`: the OAuth 2.0 JWT-bearer grant.
@@ -368,50 +252,4 @@ pub(crate) fn token_endpoint(
         }),
     )
     .with_header("Cache-Control", "no-store")
-}
-
-/// Token endpoints take POST only; anything else is answered OAuth-style.
-pub(crate) fn oauth_post_only(method: &str) -> Result<(), Reply> {
-    if method == "POST" {
-        return Ok(());
-    }
-    Err(oauth_error(
-        405,
-        "invalid_request",
-        "The token endpoint only accepts POST.",
-    )
-    .with_header("Allow", "POST"))
-}
-
-pub(crate) fn oauth_error(status: u16, error: &str, description: &str) -> Reply {
-    Reply::json(
-        status,
-        json!({"error": error, "error_description": description}),
-    )
-    .with_header("Cache-Control", "no-store")
-}
-
-/// Parses `application/x-www-form-urlencoded`: `+` is a space, `%XX` a byte.
-/// A parameter given twice is refused, as RFC 6749 section 3.1 requires.
-pub(crate) fn parse_form(body: &[u8]) -> Result<Vec<(String, String)>, String> {
-    let text = std::str::from_utf8(body).map_err(|_| "The form body is not UTF-8.".to_owned())?;
-    let mut out: Vec<(String, String)> = Vec::new();
-    for pair in text.trim_end_matches(['\r', '\n']).split('&') {
-        if pair.is_empty() {
-            continue;
-        }
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        let k = form_decode(k)?;
-        let v = form_decode(v)?;
-        if out.iter().any(|(existing, _)| *existing == k) {
-            return Err(format!("Parameter {k} is given more than once."));
-        }
-        out.push((k, v));
-    }
-    Ok(out)
-}
-
-fn form_decode(s: &str) -> Result<String, String> {
-    crate::api::percent_decode(&s.replace('+', " "))
-        .ok_or_else(|| format!("Malformed percent-encoding in the form body: {s}"))
 }

@@ -25,7 +25,9 @@
 //! its name), `exp`, `iat` and `sub`. For impersonation: the `-` project wildcard, a
 //! federated bearer token this server issued, an account the pool may impersonate, the
 //! request's fields and the lifetime's bound. STS errors are OAuth-style
-//! (`{"error", "error_description"}`), IAM errors Google's `google.rpc.Status`.
+//! (`{"error", "error_description"}`), IAM errors Google's `google.rpc.Status`. The
+//! provider's configuration ([`crate::Federation`]) and the subject token's checks are
+//! in `trust`.
 //!
 //! # Known differences
 //! * The attribute mapping and condition are not modelled: every token from the trusted
@@ -36,15 +38,13 @@ use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, Reply};
-use crate::auth::{bearer_token, oauth_error, oauth_post_only, parse_form};
 use crate::json;
-use crate::state::IssuedToken;
-use crate::{Credential, Shared, VerifiedJwt};
+use crate::oauth::{bearer_token, oauth_error, oauth_post_only, parse_form};
+use crate::records::{Credential, Impersonation, StsExchange};
+use crate::reply::{ApiError, Reply};
+use crate::state::{IssuedToken, Shared};
 
 const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
@@ -56,135 +56,6 @@ const SUBJECT_TOKEN_TYPES: [&str; 2] = [
 pub(crate) const CLOUD_PLATFORM_SCOPE: &str = "https://www.googleapis.com/auth/cloud-platform";
 /// generateAccessToken's longest lifetime without an organization policy.
 const MAX_IMPERSONATED_LIFETIME: u128 = crate::json::secs(3600);
-/// Tolerated clock difference between the issuer and this server.
-const CLOCK_SKEW: u64 = 60;
-
-/// The workload identity pool and OIDC provider the server plays, and what the pool's
-/// identities may do.
-#[derive(Clone, Debug)]
-pub struct Federation {
-    /// The provider's full name:
-    /// `projects/NUMBER/locations/global/workloadIdentityPools/POOL/providers/PROVIDER`.
-    pub provider: String,
-    /// The issuer the provider trusts, e.g. `https://oidc.fly.io/ORG`
-    /// ([`crate::FlyMachineApi::issuer`]).
-    pub issuer: String,
-    /// SPKI PEM of the issuer's signing key ([`crate::FlyMachineApi::public_key_pem`]).
-    pub issuer_public_key_pem: String,
-    /// Whether the pool's federated identities may call Pub/Sub themselves: a Pub/Sub
-    /// role granted to the pool's `principalSet://...`. When false, Pub/Sub answers
-    /// their tokens 403 `PERMISSION_DENIED`, as Google does for an identity without
-    /// the permission, and only impersonated tokens work.
-    pub direct_access: bool,
-    /// Service accounts the pool's identities may impersonate (holders of
-    /// `roles/iam.workloadIdentityUser` on them).
-    pub impersonable: Vec<String>,
-}
-
-/// A token exchange the STS endpoint answered: the parameters it received (the subject
-/// token itself left out), the subject token's claims if it verified, and the answer.
-#[derive(Clone, Debug, PartialEq)]
-pub struct StsExchange {
-    /// The request's parameters by their RFC 8693 (snake_case) names, e.g.
-    /// `grant_type`, `audience`, `scope`, `requested_token_type`, `subject_token_type`.
-    pub params: Vec<(String, String)>,
-    /// The subject token, decoded, when its signature and claims verified.
-    pub subject: Option<VerifiedJwt>,
-    /// The HTTP status answered.
-    pub status: u16,
-}
-
-impl StsExchange {
-    /// The parameter `name`, if the request had it.
-    pub fn param(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
-/// A `generateAccessToken` call the server answered.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Impersonation {
-    /// The service account asked for.
-    pub email: String,
-    /// What the bearer token was accepted as (None: missing or refused).
-    pub bearer: Option<Credential>,
-    /// The request body as received.
-    pub body: Value,
-    /// The HTTP status answered.
-    pub status: u16,
-}
-
-/// The provider's trust: its configuration and the issuer's decoded key.
-pub(crate) struct Trust {
-    federation: Federation,
-    key: DecodingKey,
-}
-
-impl Trust {
-    pub(crate) fn new(federation: Federation) -> std::io::Result<Trust> {
-        let invalid = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidInput, what);
-        let key = DecodingKey::from_rsa_pem(federation.issuer_public_key_pem.as_bytes())
-            .map_err(|e| invalid(format!("Federation issuer_public_key_pem: {e}")))?;
-        if federation.provider.split('/').count() != 8 || federation.issuer.is_empty() {
-            return Err(invalid(format!(
-                "Federation needs a provider's full name and an issuer, got {:?} and {:?}",
-                federation.provider, federation.issuer
-            )));
-        }
-        Ok(Trust { federation, key })
-    }
-
-    pub(crate) fn direct_access(&self) -> bool {
-        self.federation.direct_access
-    }
-
-    /// Verifies an OIDC subject token as the provider does; returns it decoded, or
-    /// Google-like words for what is wrong.
-    fn verify(&self, token: &str) -> Result<VerifiedJwt, String> {
-        let header = jsonwebtoken::decode_header(token)
-            .map_err(|e| format!("Unable to parse the ID Token ({e})."))?;
-        if header.alg != Algorithm::RS256 || header.kid.as_deref().is_none_or(str::is_empty) {
-            return Err("The ID Token must be signed with RS256 and name its key (kid).".into());
-        }
-        let audience = format!("https://iam.googleapis.com/{}", self.federation.provider);
-        let mut validation = Validation::new(Algorithm::RS256);
-        validation.set_audience(&[&audience]);
-        validation.set_issuer(&[&self.federation.issuer]);
-        validation.set_required_spec_claims(&["exp", "iat", "iss", "aud", "sub"]);
-        validation.leeway = CLOCK_SKEW;
-        let data =
-            jsonwebtoken::decode::<Value>(token, &self.key, &validation).map_err(|e| {
-                match e.kind() {
-                    ErrorKind::InvalidSignature => "Invalid ID Token signature.".to_owned(),
-                    ErrorKind::ExpiredSignature => "The ID Token has expired.".to_owned(),
-                    ErrorKind::InvalidAudience => format!(
-                        "The audience in ID Token does not match the expected audience {audience}."
-                    ),
-                    ErrorKind::InvalidIssuer => format!(
-                        "The issuer in ID Token does not match the expected issuer {}.",
-                        self.federation.issuer
-                    ),
-                    other => format!("Invalid ID Token: {other:?}."),
-                }
-            })?;
-        let claims = data.claims;
-        let now = crate::state::unix_now();
-        if claims["iat"]
-            .as_u64()
-            .is_none_or(|iat| iat > now + CLOCK_SKEW)
-        {
-            return Err("The ID Token was issued in the future.".into());
-        }
-        if claims["sub"].as_str().is_none_or(str::is_empty) {
-            return Err("The ID Token has no subject.".into());
-        }
-        let header = serde_json::to_value(&header).unwrap_or(Value::Null);
-        Ok(VerifiedJwt { header, claims })
-    }
-}
 
 /// `POST /v1/token`: the token exchange.
 pub(crate) fn sts(
@@ -274,7 +145,7 @@ fn exchange_token(
         }
         None => return oauth_error(400, "invalid_request", "Missing grant_type."),
     }
-    let expected_audience = format!("//iam.googleapis.com/{}", trust.federation.provider);
+    let expected_audience = format!("//iam.googleapis.com/{}", trust.provider());
     if param("audience") != Some(expected_audience.as_str()) {
         return oauth_error(
             400,
@@ -425,7 +296,7 @@ fn impersonate(
             format!("The requested URL {path} was not found on this server."),
         ));
     };
-    let email = crate::api::percent_decode(email)
+    let email = crate::percent::percent_decode(email)
         .ok_or_else(|| ApiError::invalid(format!("Malformed percent-encoding in {path}.")))?;
     record.email.clone_from(&email);
     if method != "POST" {
@@ -488,7 +359,7 @@ fn impersonate(
             json::format_duration(lifetime)
         )));
     }
-    if !trust.federation.impersonable.contains(&email) || shared.lock().refuse_impersonation {
+    if !trust.may_impersonate(&email) || shared.lock().refuse_impersonation {
         return Err(denied());
     }
     let requested = Duration::from_nanos(u64::try_from(lifetime).unwrap_or(u64::MAX));

@@ -236,7 +236,7 @@ impl Issuer {
             return Err((500, "internal error (FlyMachineApi::refuse)".into()));
         }
         let lifetime = *self.lifetime.lock().unwrap_or_else(PoisonError::into_inner);
-        let now = crate::state::unix_now();
+        let now = crate::time::unix_now();
         let claims = json!({
             "iss": format!("https://oidc.fly.io/{}", self.org),
             "sub": format!("{}:{}:{}", self.org, self.app, self.machine),

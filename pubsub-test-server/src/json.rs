@@ -10,7 +10,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::api::ApiError;
+use crate::reply::ApiError;
 
 pub(crate) type Obj = Map<String, Value>;
 

@@ -1,5 +1,26 @@
 //! A strict, in-memory emulation of Google Cloud Pub/Sub's REST API v1, for tests.
 //!
+//! Modules, top to bottom (each uses only modules below it; `tests/layering.rs` checks):
+//! * `lib`: the public API: [`PubSubTestServer`] with its knobs and inspection methods,
+//!   [`Options`], [`Auth`]; the acceptor thread; re-exports of the public types below.
+//! * `api`: the HTTP front, run on each request's own thread: routing, the fault knobs,
+//!   the `/v1` Pub/Sub methods.
+//! * `auth`: the service-account token endpoint (`/token`) and the bearer check of `/v1`.
+//! * `federation`: the STS token exchange and IAM's `generateAccessToken`.
+//! * `state`: the in-memory model (`State`), and `Shared`, which guards it and holds the
+//!   server's fixed configuration.
+//! * `trust`: whom the server trusts and how it checks their JWTs (a service account's
+//!   key, a workload identity provider's issuer, [`Federation`]).
+//! * `records`: the plain data tests read back ([`RequestRecord`], [`Credential`],
+//!   [`VerifiedJwt`], [`StsExchange`], [`Impersonation`]).
+//! * `fly`: [`FlyMachineApi`], the Fly Machine API stand-in (a server of its own).
+//! * `oauth`: OAuth 2.0 on the wire: bearer headers, form bodies, OAuth-style errors.
+//! * `json`: strict reading of request bodies under proto3's JSON mapping.
+//! * `reply`: what the server answers: a JSON reply, Google's error shape, [`Refusal`].
+//! * `percent`: percent-decoding of paths, queries and forms.
+//! * `keys`: throw-away service-account keys ([`TestKey`]) and random bytes.
+//! * `time`: RFC 3339 timestamps and the Unix clock.
+//!
 //! Skywatch talks to Pub/Sub over plain HTTP+JSON. This machine (and CI) cannot reach
 //! Google, so the tests run Skywatch against this server instead. It follows Google's
 //! public REST reference, <https://cloud.google.com/pubsub/docs/reference/rest>:
@@ -66,20 +87,27 @@ mod federation;
 mod fly;
 mod json;
 mod keys;
+mod oauth;
+mod percent;
+mod records;
+mod reply;
 mod state;
 mod time;
+mod trust;
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-pub use federation::{Federation, Impersonation, StsExchange};
 pub use fly::{FlyMachineApi, OidcRequest};
 pub use keys::{TestKey, generate_test_key, service_account_json};
+pub use records::{Credential, Impersonation, RequestRecord, StsExchange, VerifiedJwt};
+pub use reply::Refusal;
+pub use trust::Federation;
 
-use state::State;
+use state::{Shared, State};
 
 /// How the server is configured. Build it with `Options { .., ..Default::default() }`.
 #[derive(Clone, Debug)]
@@ -144,127 +172,7 @@ pub enum Auth {
     WorkloadIdentity(Federation),
 }
 
-/// What a bearer token was accepted as.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Credential {
-    /// An access token from `/token` (the service-account JWT-bearer grant).
-    ServiceAccount,
-    /// A self-signed service-account JWT.
-    SelfSignedJwt,
-    /// A federated access token from the STS endpoint.
-    Federated,
-    /// A token of this service account (its email) from `generateAccessToken`.
-    Impersonated(String),
-}
-
-/// One HTTP request the server answered, in arrival order of completion.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RequestRecord {
-    /// HTTP method, e.g. `"POST"`.
-    pub method: String,
-    /// The percent-encoded request path without the query, including any `:verb`,
-    /// e.g. `"/v1/projects/p/subscriptions/s:pull"`.
-    pub path: String,
-    /// The HTTP status code answered.
-    pub status: u16,
-    /// Whether the request carried a bearer token that this server accepted. Always
-    /// `false` in [`Auth::None`] mode (nothing is verified) and for `/token` itself.
-    pub authorized: bool,
-    /// What the accepted bearer token was (None when `authorized` is false).
-    pub credential: Option<Credential>,
-}
-
-/// A JWT the server verified (signature, issuer, audience, lifetime): a
-/// `/token` assertion or a self-signed bearer token, decoded so tests can look
-/// at exactly what the client claimed.
-#[derive(Clone, Debug, PartialEq)]
-pub struct VerifiedJwt {
-    /// The JOSE header, e.g. `{"alg":"RS256","typ":"JWT","kid":"..."}`.
-    pub header: serde_json::Value,
-    /// The claims, e.g. `{"iss":..,"aud":..,"scope":..,"iat":..,"exp":..}`.
-    pub claims: serde_json::Value,
-}
-
-/// State shared by the public handle, the acceptor and the request threads.
-pub(crate) struct Shared {
-    pub(crate) state: Mutex<State>,
-    /// Notified (all waiters) on every state change: held pulls and `wait_for` re-check.
-    pub(crate) changed: Condvar,
-    pub(crate) max_pull_hold: Duration,
-    pub(crate) pulls_return_immediately: bool,
-    pub(crate) verifier: Option<auth::Verifier>,
-    pub(crate) federation: Option<federation::Trust>,
-    pub(crate) base_url: String,
-    pub(crate) shutdown: AtomicBool,
-}
-
-impl Shared {
-    /// Locks the state. A panic in some request thread must not wedge every later test
-    /// assertion, so a poisoned lock is simply taken over.
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Records a state change and wakes everything that waits on one.
-    pub(crate) fn notify(&self, state: &mut State) {
-        state.version = state.version.wrapping_add(1);
-        self.changed.notify_all();
-    }
-
-    /// Whether `/v1` calls need a bearer token.
-    pub(crate) fn requires_auth(&self) -> bool {
-        self.verifier.is_some() || self.federation.is_some()
-    }
-
-    pub(crate) fn is_shutting_down(&self) -> bool {
-        self.shutdown.load(Ordering::SeqCst)
-    }
-
-    /// Waits on the condvar for at most `timeout`, returning the re-acquired guard.
-    pub(crate) fn wait_timeout<'a>(
-        &self,
-        guard: MutexGuard<'a, State>,
-        timeout: Duration,
-    ) -> MutexGuard<'a, State> {
-        match self.changed.wait_timeout(guard, timeout) {
-            Ok((guard, _)) => guard,
-            Err(poisoned) => poisoned.into_inner().0,
-        }
-    }
-}
-
 /// A running Pub/Sub REST test server on a loopback port. Dropping it stops it.
-/// An error for [`PubSubTestServer::refuse_publishes`] to answer with:
-/// Google's HTTP code and `status`, and a message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Refusal {
-    pub code: u16,
-    pub status: &'static str,
-    pub message: &'static str,
-}
-
-impl Refusal {
-    /// What a project without billing gets (code and status per Google's
-    /// error table; the wording is a stand-in, not Google's).
-    pub const BILLING_DISABLED: Refusal = Refusal {
-        code: 400,
-        status: "FAILED_PRECONDITION",
-        message: "Billing is disabled for this project (pubsub-test-server stand-in wording).",
-    };
-    /// What a role without `pubsub.topics.publish` gets.
-    pub const PERMISSION_DENIED: Refusal = Refusal {
-        code: 403,
-        status: "PERMISSION_DENIED",
-        message: "User not authorized to perform this action.",
-    };
-    /// A request the service can never take as it is.
-    pub const INVALID_ARGUMENT: Refusal = Refusal {
-        code: 400,
-        status: "INVALID_ARGUMENT",
-        message: "Invalid request (pubsub-test-server refuse_publishes).",
-    };
-}
-
 pub struct PubSubTestServer {
     shared: Arc<Shared>,
     http: Arc<tiny_http::Server>,
@@ -289,10 +197,12 @@ impl PubSubTestServer {
                 public_key_pem,
                 client_email,
             } => (
-                Some(auth::Verifier::new(public_key_pem, client_email)?),
+                Some(trust::Verifier::new(public_key_pem, client_email)?),
                 None,
             ),
-            Auth::WorkloadIdentity(trust) => (None, Some(federation::Trust::new(trust.clone())?)),
+            Auth::WorkloadIdentity(federation) => {
+                (None, Some(trust::Trust::new(federation.clone())?))
+            }
         };
         let http = tiny_http::Server::http(addr).map_err(std::io::Error::other)?;
         let addr = http

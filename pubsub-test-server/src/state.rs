@@ -1,25 +1,31 @@
 //! The server's in-memory model: topics, subscriptions with their backlogs and leases,
 //! issued tokens, fault knobs and the request log. Everything lives in one [`State`]
-//! behind the `Mutex` in [`crate::Shared`]; every change is followed by a condvar
-//! broadcast so held pulls and `wait_for` re-check.
+//! behind the `Mutex` in [`Shared`], next to the server's fixed configuration; every
+//! change is followed by a condvar broadcast so held pulls and `wait_for` re-check.
 //!
 //! Delivery follows "Subscriber overview" / "Pull subscriptions" in Google's docs: a
 //! pulled message is *outstanding* until acked; when its ack deadline passes it becomes
 //! deliverable again with the same `messageId` and a new `ackId`.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use serde_json::{Value, json};
 
-use crate::RequestRecord;
 use crate::json::Obj;
+use crate::records::{Credential, Impersonation, RequestRecord, StsExchange, VerifiedJwt};
+use crate::reply::Refusal;
+use crate::trust::{Trust, Verifier};
 
 /// What a subscription whose topic was deleted reports as its topic (as Google does).
 pub(crate) const DELETED_TOPIC: &str = "_deleted-topic_";
+/// Google issues access tokens valid for one hour and reports 3599 s: the lifetime of
+/// every token issued until a test changes it (`set_access_token_lifetime`).
+const ACCESS_TOKEN_LIFETIME: u64 = 3599;
 
 /// A published message, shared by every subscription it was delivered to.
 pub(crate) struct StoredMessage {
@@ -221,6 +227,54 @@ impl Subscription {
     }
 }
 
+/// State shared by the public handle, the acceptor and the request threads.
+pub(crate) struct Shared {
+    pub(crate) state: Mutex<State>,
+    /// Notified (all waiters) on every state change: held pulls and `wait_for` re-check.
+    pub(crate) changed: Condvar,
+    pub(crate) max_pull_hold: Duration,
+    pub(crate) pulls_return_immediately: bool,
+    pub(crate) verifier: Option<Verifier>,
+    pub(crate) federation: Option<Trust>,
+    pub(crate) base_url: String,
+    pub(crate) shutdown: AtomicBool,
+}
+
+impl Shared {
+    /// Locks the state. A panic in some request thread must not wedge every later test
+    /// assertion, so a poisoned lock is simply taken over.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a state change and wakes everything that waits on one.
+    pub(crate) fn notify(&self, state: &mut State) {
+        state.version = state.version.wrapping_add(1);
+        self.changed.notify_all();
+    }
+
+    /// Whether `/v1` calls need a bearer token.
+    pub(crate) fn requires_auth(&self) -> bool {
+        self.verifier.is_some() || self.federation.is_some()
+    }
+
+    pub(crate) fn is_shutting_down(&self) -> bool {
+        self.shutdown.load(Ordering::SeqCst)
+    }
+
+    /// Waits on the condvar for at most `timeout`, returning the re-acquired guard.
+    pub(crate) fn wait_timeout<'a>(
+        &self,
+        guard: MutexGuard<'a, State>,
+        timeout: Duration,
+    ) -> MutexGuard<'a, State> {
+        match self.changed.wait_timeout(guard, timeout) {
+            Ok((guard, _)) => guard,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
+    }
+}
+
 pub(crate) struct State {
     /// Bumped on every change; `wait_for` waits for it to move.
     pub(crate) version: u64,
@@ -242,7 +296,7 @@ pub(crate) struct State {
     /// Topic creates answer 403, as for a role without pubsub.topics.create.
     pub(crate) deny_topic_creates: bool,
     /// Every publish is refused with this, storing nothing (`refuse_publishes`).
-    pub(crate) publish_refusal: Option<crate::Refusal>,
+    pub(crate) publish_refusal: Option<Refusal>,
     /// Publishes still to be stored but answered 503, as when the answer is lost.
     pub(crate) lose_publish_answers: usize,
     /// Every `/v1` call fails with `outage_status` until this instant (an outage).
@@ -264,11 +318,11 @@ pub(crate) struct State {
     /// Lifetime of access tokens issued from now on (Google's: 3599 s).
     pub(crate) token_lifetime: Duration,
     /// Every JWT that passed verification, decoded, in order.
-    pub(crate) verified_jwts: Vec<crate::VerifiedJwt>,
+    pub(crate) verified_jwts: Vec<VerifiedJwt>,
     /// Token exchanges the STS endpoint answered, in order.
-    pub(crate) sts_exchanges: Vec<crate::StsExchange>,
+    pub(crate) sts_exchanges: Vec<StsExchange>,
     /// generateAccessToken calls answered, in order.
-    pub(crate) impersonations: Vec<crate::Impersonation>,
+    pub(crate) impersonations: Vec<Impersonation>,
     /// While set, the STS refuses every exchange with this status and OAuth error.
     pub(crate) sts_refusal: Option<(u16, String)>,
     /// While true, generateAccessToken answers 403 PERMISSION_DENIED.
@@ -280,7 +334,7 @@ pub(crate) struct State {
 pub(crate) struct IssuedToken {
     pub(crate) expiry: Instant,
     /// What it was issued as.
-    pub(crate) credential: crate::Credential,
+    pub(crate) credential: Credential,
     pub(crate) scopes: Vec<String>,
 }
 
@@ -314,7 +368,7 @@ impl State {
             delay: Duration::ZERO,
             pull_fill_wait: Duration::ZERO,
             ignore_acks: 0,
-            token_lifetime: Duration::from_secs(crate::auth::ACCESS_TOKEN_LIFETIME),
+            token_lifetime: Duration::from_secs(ACCESS_TOKEN_LIFETIME),
             requests: Vec::new(),
             verified_jwts: Vec::new(),
             access_tokens: HashMap::new(),
@@ -387,14 +441,8 @@ impl State {
         self.access_tokens.clear();
         let seen: Vec<String> = self.seen_jwts.drain().collect();
         self.revoked_jwts.extend(seen);
-        self.jwt_not_before = unix_now();
+        self.jwt_not_before = crate::time::unix_now();
     }
-}
-
-pub(crate) fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 #[cfg(test)]

@@ -1,7 +1,15 @@
-//! RFC 3339 timestamps as Pub/Sub's JSON uses them (`google.protobuf.Timestamp`'s JSON
-//! form, always UTC "Z"), formatted by hand to avoid a date crate for one function.
+//! The clock as the wire shows it: RFC 3339 timestamps as Pub/Sub's JSON uses them
+//! (`google.protobuf.Timestamp`'s JSON form, always UTC "Z"), formatted by hand to avoid
+//! a date crate for one function, and the Unix seconds that JWTs count in.
 
 use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Seconds since the Unix epoch, as a JWT's `iat` and `exp` count them.
+pub(crate) fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
 
 /// Formats `t` like `"2026-11-27T22:40:01.123456789Z"` (always nine fractional digits).
 pub(crate) fn rfc3339_nanos(t: SystemTime) -> String {
