@@ -1,6 +1,6 @@
 //! The listener: accepts TCP connections, reads each HTTP request head, and
 //! either answers it (the page, health checks) or upgrades it to a WebSocket
-//! served by `socket.rs` on the same thread. Also the metrics listener, on
+//! served by `connection.rs` on the same thread. Also the metrics listener, on
 //! METRICS_PORT: `GET /metrics` only, one scrape at a time, never on PORT.
 //!
 //! Why not tiny_http: its `Request::upgrade` yields one boxed stream that can

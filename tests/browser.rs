@@ -536,7 +536,7 @@ impl Page<'_> {
     }
 
     /// Waits until there are `count` alerts, the newest from `city`, each in
-    /// the format.
+    /// the page's format ("Alien landing near CITY, N ms ago").
     fn wait_alerts(&self, count: usize, city: &str) -> View {
         let view = self.wait_for(
             &format!("{count} alert(s), the newest from {city}"),
