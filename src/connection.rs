@@ -1,12 +1,13 @@
-//! One thread per WebSocket connection, which owns the socket's read half.
+//! The connection thread once its WebSocket is open: one per client, owning
+//! the socket's read half.
 //!
 //! The thread blocks in `read` until the client sends something — no polling,
 //! no timeouts — so an idle connection costs no CPU. It parses what arrives,
 //! rate-limits alerts and publishes them to the broker. It never writes to
 //! the socket: its replies and tungstenite's automatic pongs and close
 //! echoes are encoded here and handed to the fan-out thread, which owns the
-//! write half (see `fanout.rs`), and so is the greeting, which is the same
-//! for every client and encoded once, at start.
+//! write half (see `fanout.rs`). The greeting goes the same way; it is the
+//! same for every client, so it is encoded once, at start.
 
 use crate::address::Person;
 use crate::broker::{Broker, PublishError};
@@ -54,8 +55,8 @@ pub fn greeting_frame(region: &str) -> Arc<[u8]> {
     frames::text_frame(message::connected(region)).into()
 }
 
-/// The socket's read side, as tungstenite sees it. Reads come from the
-/// socket; writes land in `out`, from where the fan-out thread sends them.
+/// The socket as tungstenite sees it, split: reads come from the socket;
+/// writes land in `out`, from where the fan-out thread sends them.
 /// tungstenite only ever writes whole frames into `out` (a Vec never takes
 /// less than it is given), so `out` always holds whole frames.
 ///
@@ -97,12 +98,12 @@ fn websocket_config() -> WebSocketConfig {
 /// loop runs under (ARCHITECTURE.md, "Stack pages of a connection thread").
 #[inline(never)]
 fn websocket(socket: Arc<TcpStream>, already_read: Vec<u8>) -> Box<WebSocket<SplitSocket>> {
-    let read_half = SplitSocket {
+    let split = SplitSocket {
         socket,
         out: Vec::new(),
     };
     Box::new(WebSocket::from_partially_read(
-        read_half,
+        split,
         already_read,
         Role::Server,
         Some(websocket_config()),
@@ -142,15 +143,15 @@ pub fn serve(
         return; // the fan-out thread is gone: the server is stopping
     }
     crate::debug!("client {id}: connected");
-    let ending = connection.read_loop(&mut ws, &last_seen);
-    if let Some((code, reason)) = ending {
+    let close_to_send = connection.read_loop(&mut ws, &last_seen);
+    if let Some((code, reason)) = close_to_send {
         close(&mut ws, id, ctx, code, reason);
     }
     let _ = ctx.events.send(Event::Leave { id });
     crate::debug!("client {id}: disconnected");
 }
 
-/// The server ends the session: sends `code` and waits (briefly) for the
+/// The server ends the connection: sends `code` and waits (briefly) for the
 /// client's answer. Out of line (ARCHITECTURE.md, "Stack pages of a
 /// connection thread").
 #[inline(never)]
@@ -169,7 +170,9 @@ fn close(
     // After a whole bad message (binary, invalid UTF-8) tungstenite is still
     // in step with the client and can see its close reply, so we close as
     // soon as it comes. After an oversized or malformed frame it is not: the
-    // rest of that frame is still arriving, so drain it.
+    // rest of that frame is still arriving, so drain it. After a policy
+    // close (too many control messages) the client is not owed a reading:
+    // drain, without parsing what it sends.
     if matches!(code, CloseCode::Unsupported | CloseCode::Invalid) {
         await_close_reply(ws, CLOSE_LINGER);
     } else {
@@ -202,14 +205,15 @@ impl Connection<'_> {
             let result = ws.read();
             if result.is_ok() {
                 last_seen.store(clock::now_ms(), Ordering::Relaxed);
-                // Pushes out a pong or close echo tungstenite queued while reading.
+                // Moves a pong or close echo tungstenite queued while reading
+                // into `out`, for `forward` below (nothing touches the socket).
                 let _ = ws.flush();
             }
             self.forward(ws);
             match result {
                 Ok(Message::Text(text)) => {
-                    if let Some(ending) = self.handle_text(ws, text.as_str()) {
-                        return Some(ending);
+                    if let Some(close) = self.handle_text(ws, text.as_str()) {
+                        return Some(close);
                     }
                 }
                 Ok(Message::Binary(_)) => {
@@ -254,19 +258,13 @@ impl Connection<'_> {
         let reply = match outcome {
             Ok(accepted) => accepted,
             Err(rejection) => {
-                METRICS.rejected(rejection.code);
-                crate::debug!(
-                    "client {}: rejected: {} ({})",
-                    self.id,
-                    rejection.code.as_str(),
-                    rejection.detail
-                );
                 // A person pressing too often is not an attacker: only other
                 // refusals spend the control budget.
                 if rejection.code != RejectionCode::RateLimited && !self.control_allowed() {
+                    METRICS.rejected(rejection.code);
                     return Some(TOO_MANY_CONTROL);
                 }
-                message::error(&rejection)
+                self.refusal(&rejection)
             }
         };
         let frames = self.encode_text(ws, reply);
@@ -275,6 +273,19 @@ impl Connection<'_> {
             frames,
         });
         None
+    }
+
+    /// The `ERROR` reply to a refused message, counted: the one place a
+    /// refusal is answered, so none goes out uncounted.
+    fn refusal(&self, rejection: &Rejection) -> String {
+        METRICS.rejected(rejection.code);
+        crate::debug!(
+            "client {}: rejected: {} ({})",
+            self.id,
+            rejection.code.as_str(),
+            rejection.detail
+        );
+        message::error(rejection)
     }
 
     /// Spends one of the address's control tokens (a ping, an invalid

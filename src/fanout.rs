@@ -1,6 +1,6 @@
 //! The fan-out thread: the only code that writes to a client socket.
 //!
-//! Each connection's connection thread owns the read half of its socket; when the
+//! Each connection thread owns the read half of its socket; when the
 //! handshake is done it hands a shared handle to the socket (the write half)
 //! to this thread in [`Event::Join`] and never writes to the socket again. From then
 //! on everything a client receives — the greeting, alerts, replies, pongs,
@@ -159,7 +159,7 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
         // `deliveries`).
         let mut worked = false;
         for event in events.try_iter().take(EVENTS_PER_TURN) {
-            handle(&mut hub, event, deliveries.as_ref());
+            handle_event(&mut hub, event, deliveries.as_ref());
             worked = true;
         }
         if let Some(queue) = &deliveries {
@@ -178,7 +178,7 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
             let overflow = Arc::clone(&hub.overflow);
             select! {
                 recv(events) -> event => match event {
-                    Ok(event) => handle(&mut hub, event, deliveries.as_ref()),
+                    Ok(event) => handle_event(&mut hub, event, deliveries.as_ref()),
                     Err(_) => break,
                 },
                 // Counted by housekeeping, below.
@@ -203,7 +203,7 @@ pub fn run(settings: Settings, deliveries: Receiver<Delivery>, events: Receiver<
 
 /// Handles one event. Before a shutdown, alerts already waiting (accepted,
 /// and answered `ACCEPTED`) go out ahead of the close frames.
-fn handle(hub: &mut Hub, event: Event, deliveries: Option<&Receiver<Delivery>>) {
+fn handle_event(hub: &mut Hub, event: Event, deliveries: Option<&Receiver<Delivery>>) {
     if let (Event::Shutdown { .. }, Some(queue)) = (&event, deliveries) {
         for delivery in queue.try_iter().take(DELIVERIES_PER_TURN) {
             hub.take(delivery);

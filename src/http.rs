@@ -67,7 +67,8 @@ pub struct HttpSettings {
 /// Shared by the acceptor and every connection thread.
 pub struct Server {
     pub settings: HttpSettings,
-    pub connection: connection::Context,
+    /// What every connection thread needs once its WebSocket is open.
+    pub context: connection::Context,
     /// Limits per source address.
     addresses: Arc<Addresses>,
     /// Open connections of any kind (each has a thread).
@@ -90,12 +91,12 @@ struct Pending {
 impl Server {
     pub fn new(
         settings: HttpSettings,
-        connection: connection::Context,
+        context: connection::Context,
         addresses: Addresses,
     ) -> Server {
         Server {
             settings,
-            connection,
+            context,
             addresses: Arc::new(addresses),
             connections: AtomicUsize::new(0),
             clients: AtomicUsize::new(0),
@@ -216,9 +217,9 @@ fn accept_loop(listener: &TcpListener, server: &Arc<Server>, stopping: &AtomicBo
 }
 
 /// The life of a connection thread, in two steps that never overlap on the
-/// stack: the HTTP request (and the handshake), then the WebSocket session,
-/// with the request's stack pages given back in between (ARCHITECTURE.md,
-/// "Stack pages of a connection thread").
+/// stack: the HTTP request (and the handshake), then the WebSocket phase
+/// (`connection::serve`), with the request's stack pages given back in
+/// between (ARCHITECTURE.md, "Stack pages of a connection thread").
 fn connection_thread(stream: TcpStream, server: &Server, pending: Option<u64>) {
     let Some(client) = handle_connection(stream, server, pending) else {
         return;
@@ -232,7 +233,7 @@ fn connection_thread(stream: TcpStream, server: &Server, pending: Option<u64>) {
         slot,
         person,
     } = client;
-    connection::serve(id, stream, already_read, since, person, &server.connection);
+    connection::serve(id, stream, already_read, since, person, &server.context);
     drop(slot);
 }
 
@@ -284,7 +285,7 @@ struct Upgraded<'a> {
     already_read: Vec<u8>,
     /// `?since=<alert id>`: the client is coming back and wants what it missed.
     since: Option<Box<str>>,
-    /// Its place among MAX_CONNECTIONS, given back when the session ends.
+    /// Its place among MAX_CONNECTIONS, given back when its WebSocket closes.
     slot: ClientSlot<'a>,
     /// Its share of its address's limits.
     person: Person,
@@ -357,7 +358,7 @@ enum HeadError {
 }
 
 /// Reads the request and answers it; returns the connection when it became a
-/// WebSocket. Never inlined: its frame must be gone before the session runs.
+/// WebSocket. Never inlined: its frame must be gone before the WebSocket phase runs.
 #[inline(never)]
 fn handle_connection(
     mut stream: TcpStream,
@@ -390,7 +391,7 @@ fn handle_connection(
         ("/healthz", "GET" | "HEAD") => Response::text(200, "ok"),
         // Ready once alerts published here reach every instance: with
         // Pub/Sub, when the subscription exists and pulling has begun.
-        ("/readyz", "GET" | "HEAD") => match server.connection.broker.readiness() {
+        ("/readyz", "GET" | "HEAD") => match server.context.broker.readiness() {
             Ok(()) => Response::text(200, "ready"),
             Err(why) => Response::text_owned(503, format!("not ready: {why}\n")),
         },

@@ -4,7 +4,9 @@
 //! The whole shape of the server is here: read the configuration, start the
 //! broker and the fan-out, start accepting connections, wait for a signal,
 //! shut down in order. The server's threads and channels are created below
-//! (the Pub/Sub broker starts its own, inside `PubSubBroker::start`);
+//! (the acceptor starts a connection thread per connection, in
+//! `http::accept_loop`; the Pub/Sub broker starts its own threads, inside
+//! `PubSubBroker::start`);
 //! ARCHITECTURE.md draws how they connect, and follows one press through
 //! them.
 
@@ -39,7 +41,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Alerts waiting for the fan-out thread. When it is full the local broker
+/// Alerts (and heartbeats) waiting for the fan-out thread. When it is full the local broker
 /// counts further presses into the next storm summary (`storm::Overflow`);
 /// the Pub/Sub puller waits.
 const DELIVERY_QUEUE: usize = 1024;

@@ -308,6 +308,37 @@ mod tests {
     }
 
     #[test]
+    fn every_rejection_code_is_in_all_and_in_the_readme() {
+        // The variants as the enum declares them, read from this file: a
+        // variant missing from ALL would be counted but never shown.
+        let source = include_str!("message.rs");
+        let body = source
+            .split("pub enum RejectionCode {")
+            .nth(1)
+            .and_then(|rest| rest.split('}').next())
+            .expect("the enum's body");
+        let declared: Vec<&str> = body
+            .lines()
+            .map(str::trim)
+            .filter(|line| !line.starts_with("//") && line.ends_with(','))
+            .map(|line| line.trim_end_matches(','))
+            .collect();
+        let listed: Vec<String> = RejectionCode::ALL
+            .iter()
+            .map(|code| format!("{code:?}"))
+            .collect();
+        assert_eq!(declared, listed, "RejectionCode::ALL is not the enum");
+        let readme = include_str!("../README.md");
+        for code in RejectionCode::ALL {
+            assert!(
+                readme.contains(&format!("`{}`", code.as_str())),
+                "README.md does not list {}",
+                code.as_str()
+            );
+        }
+    }
+
+    #[test]
     fn parses_an_alert() {
         let request = parse_request(r#"{"message":"ALIEN_LANDING","timestamp":1700000000000}"#);
         assert_eq!(

@@ -184,9 +184,10 @@ pub struct Metrics {
     /// Alert messages written to this instance's clients (one per client
     /// per alert).
     pub alerts_delivered: Counter,
-    /// Alerts sent again to reconnecting clients from the recovery ring.
+    /// Messages (alerts and summaries) sent again to reconnecting clients
+    /// from the recovery ring.
     pub alerts_replayed: Counter,
-    /// Alerts refused because their client sent too many.
+    /// Alerts refused for their client's or its address's rate limit.
     pub alerts_rate_limited: Counter,
     /// Refused client messages, by code (see [`Metrics::rejected`]).
     invalid_json: Counter,
@@ -345,7 +346,7 @@ impl Metrics {
         counter(
             &mut out,
             "skywatch_alerts_rate_limited_total",
-            "Alerts refused because their client sent too many.",
+            "Alerts refused for their client's or its address's rate limit.",
             self.alerts_rate_limited.get(),
         );
         let _ = writeln!(
@@ -505,7 +506,7 @@ mod tests {
     }
 
     #[test]
-    fn every_rejection_code_is_counted_where_the_readme_says() {
+    fn every_rejection_code_has_a_counter_that_render_shows() {
         let m = Metrics::new();
         for (n, code) in RejectionCode::ALL.into_iter().enumerate() {
             for _ in 0..=n {

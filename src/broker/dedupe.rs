@@ -27,7 +27,7 @@
 //! of those could then show twice; nothing is ever lost.
 //!
 //! Heartbeats do not come through here: a heartbeat is a statement ("instance
-//! X has N clients, as of its clock's T"), and the presence book drops one
+//! X has N clients, as of its clock's T"), and the presence picture drops one
 //! not newer than the last it took from that instance (`presence.rs`).
 
 use std::collections::{HashSet, VecDeque};

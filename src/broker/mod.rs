@@ -26,8 +26,9 @@ pub trait Broker: Send + Sync {
     /// Short name for logs and metrics.
     fn name(&self) -> &'static str;
 
-    /// Accepts an alert for delivery to every instance. Never blocks a socket
-    /// thread: when the broker cannot take it, the client is told at once.
+    /// Accepts an alert for delivery to every instance. Never blocks a
+    /// connection thread: a broker that cannot take the alert says so at once
+    /// (the local one counts it for the next summary instead).
     fn publish(&self, alert: Alert) -> Result<(), PublishError>;
 
     /// Sends this instance's heartbeat to every instance, if the broker has

@@ -49,7 +49,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 /// The least room in the queue of alerts (and heartbeats) accepted but not
-/// yet published; `PubSubSettings::queue_capacity` may ask for more. While
+/// yet published; `PubSubBroker::start`'s `queue_capacity` may ask for more. While
 /// Pub/Sub is unreachable they wait here; only when it is full is a client
 /// told `broker_unavailable`.
 const MIN_PUBLISH_QUEUE: usize = 10_000;
@@ -91,7 +91,6 @@ const SLOW_RETRY: (Duration, Duration) = (Duration::from_secs(1), Duration::from
 const ALERT_TYPE: &str = "ALIEN_LANDING";
 const PRESENCE_TYPE: &str = "PRESENCE";
 
-/// Where and as whom to talk to Pub/Sub.
 /// Where and as whom to reach Pub/Sub, as the configuration says
 /// (`config.rs` makes it from the environment).
 #[derive(Debug)]
