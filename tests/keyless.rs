@@ -422,7 +422,7 @@ fn a_refused_impersonation_is_logged_with_googles_status_and_recovers() {
 }
 
 #[test]
-fn a_missing_fly_api_socket_is_logged_and_retried() {
+fn a_missing_fly_api_socket_is_logged_and_leaves_the_instance_unready() {
     let k = Keyless::start("keyless-no-socket", None, Duration::from_secs(10));
     let mut env = k.env("kl0000b8", "ams", None);
     let missing = k.fly.socket_path().with_file_name("missing.sock");
