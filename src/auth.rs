@@ -239,15 +239,34 @@ impl TokenSource {
     }
 }
 
-/// POSTs `body` to a token endpoint; returns the status and the answer's
-/// text. Errors name the URL (which holds no secret), never the body.
-fn post(
+/// The usual answer of an OAuth token endpoint (Google's, and its STS).
+#[derive(serde::Deserialize)]
+struct OAuthToken {
+    access_token: String,
+    expires_in: u64,
+}
+
+impl From<OAuthToken> for Fresh {
+    fn from(token: OAuthToken) -> Fresh {
+        Fresh {
+            value: token.access_token,
+            lifetime: Duration::from_secs(token.expires_in),
+        }
+    }
+}
+
+/// One request to a token endpoint: POSTs `body` and reads a 200 answer as
+/// `T`. Any other status is a refusal, said as `"{refused}: "` and the
+/// endpoint's own words, with `secrets` it may have echoed hidden. Errors
+/// name the URL (which holds no secret), never the body.
+fn request_token<T: serde::de::DeserializeOwned>(
     agent: &ureq::Agent,
     url: &str,
-    content_type: &str,
+    (content_type, body): (&str, &[u8]),
     bearer: Option<&str>,
-    body: &[u8],
-) -> Result<(u16, String), String> {
+    refused: &str,
+    secrets: &[&str],
+) -> Result<T, TokenError> {
     let mut request = agent.post(url).header("Content-Type", content_type);
     if let Some(token) = bearer {
         request = request.header("Authorization", format!("Bearer {token}"));
@@ -262,7 +281,11 @@ fn post(
         .limit(MAX_ANSWER)
         .read_to_string()
         .map_err(|err| format!("answer from {url} unreadable: {err}"))?;
-    Ok((status, text))
+    if status != 200 {
+        let said = refusal(status, &text, secrets);
+        return Err(TokenError::answered(status, format!("{refused}: {said}")));
+    }
+    Ok(parse_answer(&text, &format!("the answer of {url}"))?)
 }
 
 /// Why a token endpoint said no, from its answer: OAuth's

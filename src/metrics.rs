@@ -326,43 +326,32 @@ impl Metrics {
             "Frames written to every client with one send, per fan-out batch.",
             &self.fanout_batch_frames,
         );
-        let _ = writeln!(
-            out,
-            "# HELP skywatch_messages_rejected_total Client messages refused, by error code \
-             (rate limiting has its own metric).\n\
-             # TYPE skywatch_messages_rejected_total counter"
+        labeled_counter(
+            &mut out,
+            "skywatch_messages_rejected_total",
+            "Client messages refused, by error code (rate limiting has its own metric).",
+            "code",
+            RejectionCode::ALL
+                .into_iter()
+                .filter(|code| *code != RejectionCode::RateLimited)
+                .map(|code| (code.as_str(), self.rejection_counter(code).get())),
         );
-        for code in RejectionCode::ALL {
-            if code == RejectionCode::RateLimited {
-                continue;
-            }
-            let _ = writeln!(
-                out,
-                "skywatch_messages_rejected_total{{code=\"{}\"}} {}",
-                code.as_str(),
-                self.rejection_counter(code).get()
-            );
-        }
         counter(
             &mut out,
             "skywatch_alerts_rate_limited_total",
             "Alerts refused for their client's or its address's rate limit.",
             self.alerts_rate_limited.get(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP skywatch_connections_refused_total Connections refused or dropped before \
-             becoming clients, by reason.\n\
-             # TYPE skywatch_connections_refused_total counter"
+        labeled_counter(
+            &mut out,
+            "skywatch_connections_refused_total",
+            "Connections refused or dropped before becoming clients, by reason.",
+            "reason",
+            Refusal::ALL
+                .iter()
+                .zip(&self.refusals)
+                .map(|(why, count)| (why.label(), count.get())),
         );
-        for (why, count) in Refusal::ALL.iter().zip(&self.refusals) {
-            let _ = writeln!(
-                out,
-                "skywatch_connections_refused_total{{reason=\"{}\"}} {}",
-                why.label(),
-                count.get()
-            );
-        }
         counter(
             &mut out,
             "skywatch_control_limited_total",
@@ -381,20 +370,16 @@ impl Metrics {
             "Failed publish calls to the broker (each retry counts).",
             self.publish_errors.get(),
         );
-        let _ = writeln!(
-            out,
-            "# HELP skywatch_alerts_unpublished_total Alerts accepted from clients but never \
-             published, by reason.\n\
-             # TYPE skywatch_alerts_unpublished_total counter"
+        labeled_counter(
+            &mut out,
+            "skywatch_alerts_unpublished_total",
+            "Alerts accepted from clients but never published, by reason.",
+            "reason",
+            Unpublished::ALL
+                .iter()
+                .zip(&self.unpublished)
+                .map(|(why, count)| (why.label(), count.get())),
         );
-        for (why, count) in Unpublished::ALL.iter().zip(&self.unpublished) {
-            let _ = writeln!(
-                out,
-                "skywatch_alerts_unpublished_total{{reason=\"{}\"}} {}",
-                why.label(),
-                count.get()
-            );
-        }
         counter(
             &mut out,
             "skywatch_pull_errors_total",
@@ -449,6 +434,20 @@ fn counter(out: &mut String, name: &str, help: &str, value: u64) {
         out,
         "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}"
     );
+}
+
+/// A counter family with one sample per value of `label`.
+fn labeled_counter<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    label: &str,
+    samples: impl IntoIterator<Item = (&'a str, u64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (value, count) in samples {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {count}");
+    }
 }
 
 fn gauge(out: &mut String, name: &str, help: &str, value: i64) {

@@ -20,9 +20,9 @@ use ring::signature::{RSA_PKCS1_SHA256, RsaKeyPair};
 use serde::Deserialize;
 use std::fmt;
 use std::sync::Once;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{Fresh, PUBSUB_SCOPE, TokenError, parse_answer, post, refusal};
+use super::{Fresh, OAuthToken, PUBSUB_SCOPE, TokenError, request_token};
 
 const DEFAULT_TOKEN_URI: &str = "https://oauth2.googleapis.com/token";
 
@@ -130,11 +130,6 @@ impl ServiceAccount {
     /// A new access token: the signed assertion, exchanged at the key's
     /// `token_uri` (the JWT-bearer grant).
     pub(super) fn fetch_token(&self, agent: &ureq::Agent) -> Result<Fresh, TokenError> {
-        #[derive(Deserialize)]
-        struct TokenResponse {
-            access_token: String,
-            expires_in: u64,
-        }
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_err(|_| "the clock is before 1970")?;
@@ -143,29 +138,17 @@ impl ServiceAccount {
             "grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Ajwt-bearer&assertion={assertion}"
         );
         let uri = &self.token_uri;
-        let (status, text) = post(
+        // Google's OAuth errors say what is wrong (invalid_grant: bad
+        // signature, clock skew...).
+        let token: OAuthToken = request_token(
             agent,
             uri,
-            "application/x-www-form-urlencoded",
+            ("application/x-www-form-urlencoded", body.as_bytes()),
             None,
-            body.as_bytes(),
+            &format!("token request to {uri} refused"),
+            &[&assertion],
         )?;
-        if status != 200 {
-            // Google's OAuth errors say what is wrong (invalid_grant: bad
-            // signature, clock skew...).
-            return Err(TokenError::answered(
-                status,
-                format!(
-                    "token request to {uri} refused: {}",
-                    refusal(status, &text, &[&assertion])
-                ),
-            ));
-        }
-        let token: TokenResponse = parse_answer(&text, &format!("token response from {uri}"))?;
-        Ok(Fresh {
-            value: token.access_token,
-            lifetime: Duration::from_secs(token.expires_in),
-        })
+        Ok(token.into())
     }
 }
 

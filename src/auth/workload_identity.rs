@@ -25,7 +25,7 @@ use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use super::{CLOUD_PLATFORM_SCOPE, Fresh, TokenError, parse_answer, post, refusal};
+use super::{CLOUD_PLATFORM_SCOPE, Fresh, OAuthToken, TokenError, refusal, request_token};
 
 /// Google's name for a workload identity provider, as a template for errors.
 const PROVIDER_SHAPE: &str =
@@ -117,11 +117,6 @@ impl WorkloadIdentity {
 
     /// Step 2: the Fly token for a federated access token, at Google's STS.
     fn exchange(&self, agent: &ureq::Agent, fly_token: &str) -> Result<Fresh, TokenError> {
-        #[derive(Deserialize)]
-        struct ExchangeResponse {
-            access_token: String,
-            expires_in: u64,
-        }
         let url = format!("{}/v1/token", self.sts_endpoint);
         let audience = self.sts_audience();
         let form = form_encode(&[
@@ -133,28 +128,18 @@ impl WorkloadIdentity {
             ("subject_token_type", JWT_TOKEN_TYPE),
         ]);
         // Google: the exchange must not carry an Authorization header.
-        let (status, text) = post(
+        let token: OAuthToken = request_token(
             agent,
             &url,
-            "application/x-www-form-urlencoded",
+            ("application/x-www-form-urlencoded", form.as_bytes()),
             None,
-            form.as_bytes(),
+            &format!(
+                "the Security Token Service ({url}) refused the Fly token for {}",
+                self.provider
+            ),
+            &[fly_token],
         )?;
-        if status != 200 {
-            return Err(TokenError::answered(
-                status,
-                format!(
-                    "the Security Token Service ({url}) refused the Fly token for {}: {}",
-                    self.provider,
-                    refusal(status, &text, &[fly_token])
-                ),
-            ));
-        }
-        let answer: ExchangeResponse = parse_answer(&text, &format!("the answer of {url}"))?;
-        Ok(Fresh {
-            value: answer.access_token,
-            lifetime: Duration::from_secs(answer.expires_in),
-        })
+        Ok(token.into())
     }
 
     /// Step 3: the federated token for a service account's access token.
@@ -179,24 +164,14 @@ impl WorkloadIdentity {
             "lifetime": IMPERSONATED_LIFETIME,
         })
         .to_string();
-        let (status, text) = post(
+        let answer: GenerateAccessTokenResponse = request_token(
             agent,
             &url,
-            "application/json",
+            ("application/json", body.as_bytes()),
             Some(federated),
-            body.as_bytes(),
+            &format!("generateAccessToken for {email} ({url}) refused"),
+            &[federated],
         )?;
-        if status != 200 {
-            return Err(TokenError::answered(
-                status,
-                format!(
-                    "generateAccessToken for {email} ({url}) refused: {}",
-                    refusal(status, &text, &[federated])
-                ),
-            ));
-        }
-        let answer: GenerateAccessTokenResponse =
-            parse_answer(&text, &format!("the answer of {url}"))?;
         let expires = parse_rfc3339(&answer.expire_time).ok_or_else(|| {
             format!(
                 "the answer of {url} has an expireTime that is not an RFC 3339 time: {:?}",

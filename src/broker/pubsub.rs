@@ -44,7 +44,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -175,7 +175,6 @@ impl Health {
 
 /// What the puller threads share with each other and with shutdown.
 struct Pullers {
-    ready: AtomicBool,
     subscription: SubscriptionState,
     /// Alerts recently handed to the fan-out, by any puller.
     seen: Mutex<SeenAlerts>,
@@ -239,7 +238,6 @@ impl PubSubBroker {
         // Closed (never sent on) once the subscription first exists.
         let (subscribed_tx, subscribed_rx) = bounded::<()>(0);
         let pullers = Arc::new(Pullers {
-            ready: AtomicBool::new(false),
             subscription: SubscriptionState {
                 state: Mutex::new(Setup {
                     subscribed: false,
@@ -320,7 +318,7 @@ impl Broker for PubSubBroker {
         if let Some(problem) = self.health.problem() {
             return Err(problem);
         }
-        if !self.pullers.ready.load(Ordering::SeqCst) {
+        if !self.pullers.subscription.is_subscribed() {
             return Err(format!("subscribing to {}", self.api.topic));
         }
         Ok(())
@@ -329,7 +327,6 @@ impl Broker for PubSubBroker {
     /// Publishes what is still queued (until shortly before `deadline`), then
     /// deletes this instance's subscription so it stops collecting copies.
     fn shutdown(&self, deadline: Instant) {
-        self.pullers.ready.store(false, Ordering::SeqCst);
         let publish_deadline = deadline.checked_sub(DELETE_TIMEOUT).unwrap_or(deadline);
         let _ = self.stop.try_send(publish_deadline);
         if self.publisher_done.recv_deadline(publish_deadline).is_err() {
@@ -611,7 +608,6 @@ fn puller(api: &Api, deliveries: &Sender<Delivery>, pullers: &Pullers, health: &
             Subscribed::NotYet => continue,
             Subscribed::Stopping => return,
         }
-        pullers.ready.store(true, Ordering::SeqCst);
         let started = Instant::now();
         let pulled = api.pull();
         METRICS.pull_duration.observe(started.elapsed());
@@ -662,7 +658,6 @@ fn puller(api: &Api, deliveries: &Sender<Delivery>, pullers: &Pullers, health: &
             Err(_) if pullers.subscription.is_stopping() => return,
             Err(err) => match err.failure() {
                 Failure::NotFound => {
-                    pullers.ready.store(false, Ordering::SeqCst);
                     crate::warn!("subscription {} is gone; recreating it", api.subscription);
                     pullers.subscription.lost();
                 }
@@ -876,6 +871,10 @@ impl SubscriptionState {
 
     fn is_stopping(&self) -> bool {
         lock(&self.state).stopping
+    }
+
+    fn is_subscribed(&self) -> bool {
+        lock(&self.state).subscribed
     }
 
     /// Stops all creating: waits (until `deadline`) for a create in
